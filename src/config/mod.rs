@@ -1,0 +1,309 @@
+//! The configuration: serde structs for `outpost.toml`, embedded defaults, and errors that name
+//! the file, line, column and key.
+//!
+//! Unknown keys are errors (`deny_unknown_fields`), so a typo never silently falls back to a
+//! default. Durations and sizes are written in human units ("30s", "512MiB").
+
+mod units;
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+pub use units::{Duration, Size};
+
+/// Why a configuration could not be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key or value is wrong.
+    #[error("{path}:{line}:{column}: {key}{message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// "key `name`: " when the offending key is known, else empty.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole of `outpost.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub gateway: Gateway,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[gateway]`: who this gateway is and where it keeps its data.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    /// Defaults to the hostname.
+    pub id: Option<String>,
+    /// Defaults to `$STATE_DIRECTORY` under systemd, else `./outpost-data`.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The kinds of listener. Later issues add "mqtts", "ws", "wss" and "mqtt-sn".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerKind {
+    /// Plain MQTT over TCP, every protocol level on one port.
+    Mqtt,
+}
+
+/// `[[listener]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub kind: ListenerKind,
+    pub bind: SocketAddr,
+}
+
+/// `[limits]`: what one client, or all of them, may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open connections across all listeners; more are accepted and closed at once.
+    pub max_connections: NonZeroUsize,
+    /// Largest packet accepted (and announced to v5 clients).
+    pub max_packet_size: Size,
+    /// QoS 1/2 messages in flight per client, each way; our Receive Maximum.
+    pub max_inflight: NonZeroU16,
+    /// Messages queued per session beyond the inflight window; the newest is dropped when full.
+    pub max_queued: NonZeroUsize,
+    /// A socket that sends no CONNECT within this is closed.
+    pub connect_timeout: Duration,
+    /// The longest keep-alive allowed; v5 clients asking for more (or none) are told this one.
+    /// "0s" keeps each client's own.
+    pub max_keepalive: Duration,
+    /// Topic aliases a v5 client may use towards us.
+    pub topic_alias_maximum: u16,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
+            max_packet_size: Size(1 << 20),
+            max_inflight: NonZeroU16::new(100).unwrap_or(NonZeroU16::MIN),
+            max_queued: NonZeroUsize::new(1000).unwrap_or(NonZeroUsize::MIN),
+            connect_timeout: Duration(std::time::Duration::from_secs(10)),
+            max_keepalive: Duration(std::time::Duration::ZERO),
+            topic_alias_maximum: 10,
+        }
+    }
+}
+
+/// Largest packet the protocol can express: 1 + 4 length bytes + 268,435,455.
+const PROTOCOL_MAX_PACKET: u64 = 268_435_460;
+
+impl Config {
+    /// The embedded defaults: MQTT on 127.0.0.1:1883, no uplink.
+    pub fn embedded() -> Self {
+        let mut c: Config = match toml::from_str("") {
+            Ok(c) => c,
+            Err(_) => unreachable!("an empty document always deserializes to the defaults"),
+        };
+        c.fill_defaults();
+        c
+    }
+
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text`, reporting errors against `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut c: Config = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            invalid(path, text, offset, e.message().to_owned())
+        })?;
+        c.validate(path, text)?;
+        c.fill_defaults();
+        Ok(c)
+    }
+
+    fn fill_defaults(&mut self) {
+        if self.listeners.is_empty() {
+            self.listeners.push(Listener {
+                kind: ListenerKind::Mqtt,
+                bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            });
+        }
+    }
+
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let at = |needle: &str, msg: String| {
+            invalid(path, text, text.find(needle).unwrap_or(0), msg)
+        };
+        let l = &self.limits;
+        if l.max_packet_size.0 < 64 || l.max_packet_size.0 > PROTOCOL_MAX_PACKET {
+            return Err(at(
+                "max_packet_size",
+                format!("must be between 64B and {PROTOCOL_MAX_PACKET}B"),
+            ));
+        }
+        if l.max_keepalive.0.as_secs() > u16::MAX as u64 {
+            return Err(at("max_keepalive", "must be at most 65535s".into()));
+        }
+        if l.connect_timeout.0.is_zero() {
+            return Err(at("connect_timeout", "must be more than 0s".into()));
+        }
+        for (i, a) in self.listeners.iter().enumerate() {
+            if a.bind.port() != 0
+                && self.listeners[..i].iter().any(|b| b.bind == a.bind)
+            {
+                let addr = a.bind.to_string();
+                let pos = text.match_indices(&addr).nth(1).map_or(0, |(p, _)| p);
+                return Err(invalid(path, text, pos, format!("{addr} is bound by two listeners")));
+            }
+        }
+        if let Some(id) = &self.gateway.id {
+            if id.is_empty() || id.contains(['/', '+', '#']) {
+                return Err(at("id", "must be non-empty and free of '/', '+' and '#'".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The gateway id in force: configured, else the hostname.
+    pub fn gateway_id(&self) -> String {
+        if let Some(id) = &self.gateway.id {
+            return id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "outpost".into())
+    }
+
+    /// The data directory in force.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(d) = &self.gateway.data_dir {
+            return d.clone();
+        }
+        // systemd's StateDirectory= may list several, separated by ':'; ours is the first.
+        match std::env::var("STATE_DIRECTORY") {
+            Ok(s) if !s.is_empty() => PathBuf::from(s.split(':').next().unwrap_or(&s)),
+            _ => PathBuf::from("./outpost-data"),
+        }
+    }
+}
+
+/// Builds an error at byte `offset` of `text`, naming the key on that line when there is one.
+fn invalid(path: &Path, text: &str, offset: usize, message: String) -> ConfigError {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = text[line_start..offset].chars().count() + 1;
+    let line_text = text[line_start..].lines().next().unwrap_or("");
+    let key = match line_text.split_once('=') {
+        Some((k, _)) if !k.trim().is_empty() && !k.trim_start().starts_with('#') => {
+            format!("key `{}`: ", k.trim())
+        }
+        _ => String::new(),
+    };
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        column,
+        key,
+        message: message.trim_end().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), t)
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let c = Config::embedded();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].bind, "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(c.limits.max_inflight.get(), 100);
+    }
+
+    #[test]
+    fn full_example() {
+        let c = parse(
+            r#"
+[gateway]
+id = "site-042"
+data_dir = "/var/lib/outpost"
+
+[[listener]]
+kind = "mqtt"
+bind = "127.0.0.1:1884"
+
+[limits]
+max_packet_size = "256KiB"
+connect_timeout = "5s"
+max_keepalive = "60s"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.gateway_id(), "site-042");
+        assert_eq!(c.data_dir(), PathBuf::from("/var/lib/outpost"));
+        assert_eq!(c.limits.max_packet_size.0, 256 * 1024);
+        assert_eq!(c.limits.max_keepalive.0.as_secs(), 60);
+    }
+
+    fn err(t: &str) -> String {
+        parse(t).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_line_column_and_key() {
+        let e = err("[gateway]\nid = \"x\"\nfoo = 1\n");
+        assert!(e.starts_with("t.toml:3:1: key `foo`: unknown field `foo`"), "{e}");
+        let e = err("[[listener]]\nkind = \"mqtt\"\nbind = \"nonsense\"\n");
+        assert!(e.starts_with("t.toml:3:8: key `bind`:"), "{e}");
+        let e = err("[limits]\nconnect_timeout = \"10 parsecs\"\n");
+        assert!(e.starts_with("t.toml:2:19: key `connect_timeout`:"), "{e}");
+        let e = err("[limits]\nmax_inflight = 0\n");
+        assert!(e.starts_with("t.toml:2:16: key `max_inflight`:"), "{e}");
+        let e = err("[[listener]]\nkind = \"carrier-pigeon\"\nbind = \"127.0.0.1:1\"\n");
+        assert!(e.contains("t.toml:2:8: key `kind`: unknown variant"), "{e}");
+        let e = err("[limits]\nmax_packet_size = \"1B\"\n");
+        assert!(e.starts_with("t.toml:2:1: key `max_packet_size`:"), "{e}");
+        let e = err("this is not toml");
+        assert!(e.starts_with("t.toml:1:"), "{e}");
+        let e = err(
+            "[[listener]]\nkind=\"mqtt\"\nbind=\"127.0.0.1:5\"\n[[listener]]\nkind=\"mqtt\"\nbind=\"127.0.0.1:5\"\n",
+        );
+        assert!(e.starts_with("t.toml:6:7:"), "{e}");
+    }
+}

@@ -1,0 +1,60 @@
+//! The one message type every source produces and every destination consumes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::proto::mqtt::{Properties, QoS};
+
+/// Where a message came from. Used for No Local and for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A local MQTT client, by client id.
+    Client(Arc<str>),
+    /// A will published on behalf of a client that is gone.
+    Will(Arc<str>),
+}
+
+impl Origin {
+    /// The client id behind the message, if any.
+    pub fn client(&self) -> Option<&str> {
+        match self {
+            Origin::Client(c) => Some(c),
+            Origin::Will(_) => None,
+        }
+    }
+}
+
+/// One application message inside the hub. Shared by `Arc` across every subscriber it reaches.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// The v5 properties that travel with the message end to end: payload format, content type,
+    /// response topic, correlation data and user properties. Per-hop properties (topic alias,
+    /// subscription identifiers, expiry) are never stored here.
+    pub properties: Properties,
+    pub origin: Origin,
+    pub received_at: Instant,
+    /// From Message Expiry Interval; a message still queued after this is discarded.
+    pub expires_at: Option<Instant>,
+}
+
+impl Message {
+    /// True once `now` is past the message's expiry.
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|e| now >= e)
+    }
+
+    /// Seconds left before expiry, rounded up, for the Message Expiry Interval sent onwards.
+    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|e| {
+            let left = e.saturating_duration_since(now);
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            secs.min(u32::MAX as u64) as u32
+        })
+    }
+}

@@ -1,0 +1,251 @@
+//! One client session as the hub keeps it: subscriptions, the queue of messages waiting for the
+//! client, the outbound inflight window, inbound QoS 2 state, and the will.
+//!
+//! The session never blocks: it hands packets to an `Outlet` and, when the connection's queue is
+//! full, stops and waits for `Ready`. Its own queue is bounded by `max_queued`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::message::Message;
+use super::tree::Sub;
+use super::{ConnId, HubConfig, Outlet, Stats};
+use crate::proto::mqtt::{encode::encoded_len, Ack, Packet, Publish, QoS, Version, Will};
+
+/// How many control packets (acks) may wait for a connection that is not reading. Past this the
+/// client is too slow to keep and is disconnected; a normal client never gets near it because
+/// Receive Maximum bounds its unacknowledged publishes.
+pub const CONTROL_BACKLOG: usize = 4096;
+
+/// Session expiry that means "never" (v5 0xFFFFFFFF; 3.1.1 clean session 0).
+pub const NEVER_EXPIRES: u32 = u32::MAX;
+
+/// A message waiting for this session, with the QoS and flags of this delivery.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub msg: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+}
+
+/// Where an outbound QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightState {
+    /// QoS 1 PUBLISH sent, PUBACK awaited.
+    AwaitAck,
+    /// QoS 2 PUBLISH sent, PUBREC awaited.
+    AwaitRec,
+    /// PUBREL sent, PUBCOMP awaited.
+    AwaitComp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    pub pid: u16,
+    pub item: Queued,
+    pub state: InflightState,
+}
+
+/// A will waiting out its Will Delay Interval.
+#[derive(Debug, Clone)]
+pub struct PendingWill {
+    pub will: Will,
+    pub due: Instant,
+}
+
+/// The hub's record of one client id.
+#[derive(Debug)]
+pub struct Session {
+    pub id: Arc<str>,
+    /// The live connection, or `None` while the session waits offline.
+    pub conn: Option<ConnId>,
+    pub version: Version,
+    /// Seconds the session outlives its connection; `NEVER_EXPIRES` for ever.
+    pub expiry: u32,
+    pub expires_at: Option<Instant>,
+    pub will: Option<Will>,
+    pub pending_will: Option<PendingWill>,
+    /// Raw filter as subscribed (including any `$share/group/` prefix) to its options.
+    pub subs: HashMap<String, Sub>,
+    pub queue: VecDeque<Queued>,
+    pub inflight: VecDeque<Inflight>,
+    next_pid: u16,
+    /// QoS 2 packet ids received and PUBREC'd, awaiting PUBREL: a DUP of one is not routed again.
+    pub inbound_qos2: HashSet<u16>,
+    pub control: VecDeque<Packet>,
+    /// The client's Receive Maximum.
+    pub receive_max: u16,
+    /// The client's Maximum Packet Size.
+    pub max_packet: u32,
+    /// The connection's queue was full; wait for `Ready` before pumping again.
+    pub stalled: bool,
+}
+
+impl Session {
+    pub fn new(id: Arc<str>, version: Version) -> Self {
+        Session {
+            id,
+            conn: None,
+            version,
+            expiry: 0,
+            expires_at: None,
+            will: None,
+            pending_will: None,
+            subs: HashMap::new(),
+            queue: VecDeque::new(),
+            inflight: VecDeque::new(),
+            next_pid: 0,
+            inbound_qos2: HashSet::new(),
+            control: VecDeque::new(),
+            receive_max: u16::MAX,
+            max_packet: u32::MAX,
+            stalled: false,
+        }
+    }
+
+    /// Adds a message for this session. Offline sessions keep QoS 1/2 only, as MQTT asks.
+    /// Policy when full: the newest message is dropped and counted, so that what the client
+    /// already waits for keeps its order (mosquitto's `max_queued_messages` behaves the same).
+    pub fn enqueue(&mut self, item: Queued, cfg: &HubConfig, stats: &mut Stats) {
+        if self.conn.is_none() && item.qos == QoS::AtMostOnce {
+            return;
+        }
+        if self.queue.len() >= cfg.max_queued {
+            stats.dropped_queue_full += 1;
+            if stats.dropped_queue_full.is_power_of_two() {
+                tracing::warn!(client = %self.id, total = stats.dropped_queue_full,
+                    "session queue full, dropping newest message");
+            }
+            return;
+        }
+        self.queue.push_back(item);
+    }
+
+    /// Queues an ack or other control packet. Returns false when the client has stopped
+    /// reading so long that it must be disconnected.
+    pub fn push_control(&mut self, packet: Packet) -> bool {
+        if self.control.len() >= CONTROL_BACKLOG {
+            return false;
+        }
+        self.control.push_back(packet);
+        true
+    }
+
+    fn peek_pid(&self) -> u16 {
+        let mut pid = self.next_pid;
+        loop {
+            pid = pid.wrapping_add(1);
+            if pid == 0 {
+                pid = 1;
+            }
+            if !self.inflight.iter().any(|f| f.pid == pid) {
+                return pid;
+            }
+        }
+    }
+
+    /// Builds the PUBLISH for one delivery. Per-hop properties are set here: subscription ids
+    /// and the remaining message expiry.
+    pub fn publish_for(&self, item: &Queued, pid: u16, dup: bool, now: Instant) -> Publish {
+        let mut props = if self.version.is_v5() {
+            item.msg.properties.clone()
+        } else {
+            Default::default()
+        };
+        if self.version.is_v5() {
+            props.subscription_identifiers = item.sub_ids.clone();
+            props.message_expiry_interval = item.msg.remaining_expiry(now);
+        }
+        Publish {
+            dup,
+            qos: item.qos,
+            retain: item.retain,
+            topic: item.msg.topic.clone(),
+            packet_id: pid,
+            payload: item.msg.payload.clone(),
+            properties: props,
+        }
+    }
+
+    /// Sends what the connection has room for: control packets first, then queued messages
+    /// while the inflight window allows.
+    pub fn pump(&mut self, now: Instant, cfg: &HubConfig, stats: &mut Stats, out: &mut dyn Outlet) {
+        let Some(conn) = self.conn else { return };
+        self.stalled = false;
+        while let Some(p) = self.control.pop_front() {
+            if let Err(p) = out.try_send(conn, p) {
+                self.control.push_front(p);
+                self.stalled = true;
+                return;
+            }
+        }
+        let window = cfg.max_inflight.min(self.receive_max) as usize;
+        while let Some(front) = self.queue.front() {
+            if front.msg.expired(now) {
+                self.queue.pop_front();
+                stats.expired += 1;
+                continue;
+            }
+            let qos = front.qos;
+            if qos != QoS::AtMostOnce && self.inflight.len() >= window {
+                break;
+            }
+            let pid = if qos == QoS::AtMostOnce {
+                0
+            } else {
+                self.peek_pid()
+            };
+            let publish = Packet::Publish(self.publish_for(front, pid, false, now));
+            if encoded_len(&publish, self.version) > self.max_packet as usize {
+                // [MQTT-3.1.2-25] too large for the client: discard as if delivered.
+                self.queue.pop_front();
+                stats.dropped_too_large += 1;
+                continue;
+            }
+            if out.try_send(conn, publish).is_err() {
+                self.stalled = true;
+                return;
+            }
+            stats.sent += 1;
+            let Some(item) = self.queue.pop_front() else {
+                break;
+            };
+            if qos != QoS::AtMostOnce {
+                self.next_pid = pid;
+                let state = if qos == QoS::AtLeastOnce {
+                    InflightState::AwaitAck
+                } else {
+                    InflightState::AwaitRec
+                };
+                self.inflight.push_back(Inflight { pid, item, state });
+            }
+        }
+    }
+
+    /// After a reconnect with the session present: every unacknowledged PUBLISH goes again with
+    /// DUP set and the same packet id, and every PUBREL goes again ([MQTT-4.4.0-1]).
+    pub fn queue_resends(&mut self, now: Instant) {
+        let mut resends = Vec::with_capacity(self.inflight.len());
+        for f in &self.inflight {
+            resends.push(match f.state {
+                InflightState::AwaitComp => Packet::PubRel(Ack {
+                    packet_id: f.pid,
+                    ..Ack::default()
+                }),
+                _ => Packet::Publish(self.publish_for(&f.item, f.pid, true, now)),
+            });
+        }
+        self.control.extend(resends);
+    }
+
+    /// Removes the inflight entry `pid` if it is in `state`.
+    pub fn take_inflight(&mut self, pid: u16, state: InflightState) -> Option<Inflight> {
+        let i = self
+            .inflight
+            .iter()
+            .position(|f| f.pid == pid && f.state == state)?;
+        self.inflight.remove(i)
+    }
+}

@@ -1,0 +1,151 @@
+//! The task that owns the `Hub`: it feeds inputs from a bounded channel, fires the hub's timers,
+//! and implements `Outlet` over each connection's bounded link.
+//!
+//! Buffers and their policy when full:
+//! - the hub's input channel (`HUB_QUEUE`): senders wait, so a busy hub slows the readers that
+//!   feed it and nothing is dropped;
+//! - each connection's link (`LINK_QUEUE`): the hub never waits; a refused packet stays in the
+//!   session's own bounded queue and the link flags `want_ready`, and the writer sends `Ready`
+//!   once it has written a batch.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+
+use super::sleep_until_opt;
+use crate::hub::{ConnId, Hub, HubInput, Outlet};
+use crate::proto::mqtt::{Packet, Version};
+
+/// Inputs waiting for the hub.
+pub const HUB_QUEUE: usize = 4096;
+/// Packets waiting for one connection's writer.
+pub const LINK_QUEUE: usize = 512;
+
+/// What a connection's writer receives.
+#[derive(Debug)]
+pub enum LinkItem {
+    /// Encode and write this packet.
+    Packet(Packet),
+    /// CONNECT told us the level and the client's topic alias maximum.
+    Configure { version: Version, alias_max: u16 },
+    /// Write what is queued, then close.
+    Close,
+}
+
+/// Signals shared between the hub's side of a link and the connection's writer.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    /// The hub was refused a send and waits for `Ready`.
+    pub want_ready: AtomicBool,
+    /// The hub asked for the connection to end.
+    pub close: Notify,
+}
+
+/// The hub's handle on one connection.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub tx: mpsc::Sender<LinkItem>,
+    pub state: Arc<LinkState>,
+}
+
+/// What the hub task receives.
+#[derive(Debug)]
+pub enum HubMsg {
+    /// A connection that is about to send CONNECT; registers its link.
+    Attach { conn: ConnId, link: Link },
+    /// An input for the hub.
+    Input(HubInput),
+    /// Publish wills, close every connection, then answer.
+    Shutdown(oneshot::Sender<()>),
+}
+
+struct Links(HashMap<ConnId, Link>);
+
+impl Outlet for Links {
+    fn try_send(&mut self, conn: ConnId, packet: Packet) -> Result<(), Packet> {
+        let Some(link) = self.0.get(&conn) else {
+            // Already gone: its Closed input is on the way and the session keeps its state.
+            return Ok(());
+        };
+        let item = match link.tx.try_send(LinkItem::Packet(packet)) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(item)) => item,
+        };
+        link.state.want_ready.store(true, Ordering::SeqCst);
+        // The writer may have drained the link between the refusal and the flag; if so there
+        // is room now and no batch left to make it look at the flag, so try once more.
+        if link.tx.capacity() > 0 {
+            match link.tx.try_send(item) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(i)) => return Err(unwrap_packet(i)),
+            }
+        }
+        Err(unwrap_packet(item))
+    }
+
+    fn close(&mut self, conn: ConnId, last: Option<Packet>) {
+        if let Some(link) = self.0.get(&conn) {
+            if let Some(p) = last {
+                let _ = link.tx.try_send(LinkItem::Packet(p));
+            }
+            link.state.close.notify_one();
+        }
+    }
+}
+
+fn unwrap_packet(item: LinkItem) -> Packet {
+    match item {
+        LinkItem::Packet(p) => p,
+        // Only packets are ever offered by try_send above.
+        _ => Packet::PingResp,
+    }
+}
+
+/// Runs the hub until a `Shutdown` message has been handled and every connection has gone (or
+/// `grace` has passed).
+pub async fn run(mut hub: Hub, mut rx: mpsc::Receiver<HubMsg>, grace: Duration) {
+    let mut links = Links(HashMap::new());
+    let mut done: Option<(oneshot::Sender<()>, Instant)> = None;
+    loop {
+        let wake = hub.poll_timeout().map(Instant::from_std);
+        let msg = tokio::select! {
+            m = rx.recv() => m,
+            _ = sleep_until_opt(wake) => {
+                hub.handle_timeout(Instant::now().into_std(), &mut links);
+                continue;
+            }
+            _ = sleep_until_opt(done.as_ref().map(|d| d.1)) => None,
+        };
+        let Some(msg) = msg else { break };
+        let now = Instant::now().into_std();
+        match msg {
+            HubMsg::Attach { conn, link } => {
+                links.0.insert(conn, link);
+            }
+            HubMsg::Input(input) => {
+                let closed = match &input {
+                    HubInput::Closed { conn, .. } => Some(*conn),
+                    _ => None,
+                };
+                hub.handle(now, input, &mut links);
+                if let Some(c) = closed {
+                    links.0.remove(&c);
+                }
+            }
+            HubMsg::Shutdown(reply) => {
+                hub.shutdown(now, &mut links);
+                done = Some((reply, Instant::now() + grace));
+            }
+        }
+        if done.is_some() && links.0.is_empty() {
+            break;
+        }
+    }
+    if let Some((reply, _)) = done {
+        let _ = reply.send(());
+    }
+}

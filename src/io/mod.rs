@@ -1,0 +1,19 @@
+//! Adapters: the only code that touches sockets. Each one reads bytes, hands them to a sans-IO
+//! machine with the current time, and writes what the machine asks for.
+//!
+//! - `hub_task`: the tokio task that owns the `Hub`, and the bounded links to connections.
+//! - `mqtt_listener`: TCP accept loop and one task per MQTT connection.
+
+pub mod hub_task;
+pub mod mqtt_listener;
+
+use tokio::time::Instant;
+
+/// Sleeps until `at`, or for ever when there is no deadline: the shape every adapter needs
+/// for a sans-IO machine's `poll_timeout`.
+pub(crate) async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,243 @@
+//! The MQTT TCP listener: an accept loop with a connection limit, and one task per connection
+//! that drives `proto::mqtt::server::{Inbound, Outbound}` over the socket's two halves.
+//!
+//! Reading and writing run concurrently so that a client which stops reading cannot stop us
+//! from reading its packets, and the reverse. Each half waits on a bounded channel: the reader
+//! on the hub (a busy hub slows the client), the writer on its link.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
+
+use super::hub_task::{HubMsg, Link, LinkItem, LinkState, LINK_QUEUE};
+use super::sleep_until_opt;
+use crate::hub::{ConnId, HubInput};
+use crate::proto::mqtt::server::{CloseReason, InEvent, Inbound, Outbound, ServerLimits};
+use crate::proto::mqtt::{ConnAck, Packet, Version};
+
+/// What every connection of every MQTT listener shares.
+pub struct ListenerShared {
+    pub hub: mpsc::Sender<HubMsg>,
+    pub limits: ServerLimits,
+    pub connections: Arc<Semaphore>,
+    pub next_conn: AtomicU64,
+}
+
+/// Accepts connections until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, shared: Arc<ListenerShared>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing new connection");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            connection(stream, peer, conn, shared).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, conn: ConnId, shared: Arc<ListenerShared>) {
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel(LINK_QUEUE);
+    let state = Arc::new(LinkState::default());
+    let link = Link {
+        tx,
+        state: state.clone(),
+    };
+    let attached = std::sync::atomic::AtomicBool::new(false);
+    let reader = read_loop(rd, peer, conn, &shared, link, &attached);
+    let writer = write_loop(wr, rx, state, conn, &shared.hub);
+    tokio::pin!(reader, writer);
+    let reason = tokio::select! {
+        r = &mut reader => {
+            // Let the writer flush a final CONNACK or DISCONNECT, but not for ever.
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+            r
+        }
+        _ = &mut writer => CloseReason::ServerClosed,
+    };
+    if attached.load(Ordering::Relaxed) {
+        let _ = shared
+            .hub
+            .send(HubMsg::Input(HubInput::Closed { conn, reason }))
+            .await;
+    }
+}
+
+async fn read_loop(
+    mut rd: OwnedReadHalf,
+    peer: SocketAddr,
+    conn: ConnId,
+    shared: &ListenerShared,
+    link: Link,
+    attached: &std::sync::atomic::AtomicBool,
+) -> CloseReason {
+    let mut machine = Inbound::new(Instant::now().into_std(), shared.limits.clone());
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let deadline = machine.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) | Err(_) => machine.handle_eof(),
+                Ok(n) => machine.handle_bytes(Instant::now().into_std(), &buf[..n]),
+            },
+            _ = sleep_until_opt(deadline) => machine.handle_timeout(Instant::now().into_std()),
+        }
+        while let Some(ev) = machine.poll_event() {
+            match ev {
+                InEvent::Connect { connect, keep_alive } => {
+                    let alias_max = connect.properties.topic_alias_maximum.unwrap_or(0);
+                    let configure = LinkItem::Configure {
+                        version: connect.version,
+                        alias_max,
+                    };
+                    if link.tx.send(configure).await.is_err() {
+                        return CloseReason::ServerClosed;
+                    }
+                    let attach = HubMsg::Attach {
+                        conn,
+                        link: link.clone(),
+                    };
+                    if shared.hub.send(attach).await.is_err() {
+                        return CloseReason::ServerClosed;
+                    }
+                    attached.store(true, Ordering::Relaxed);
+                    tracing::debug!(%peer, conn, client = %connect.client_id, "CONNECT");
+                    let input = HubInput::Connect {
+                        conn,
+                        connect,
+                        keep_alive,
+                    };
+                    if shared.hub.send(HubMsg::Input(input)).await.is_err() {
+                        return CloseReason::ServerClosed;
+                    }
+                }
+                InEvent::Refuse { code, version } => {
+                    let _ = link.tx.try_send(LinkItem::Configure {
+                        version,
+                        alias_max: 0,
+                    });
+                    let ack = ConnAck {
+                        code,
+                        ..ConnAck::default()
+                    };
+                    let _ = link.tx.try_send(LinkItem::Packet(Packet::ConnAck(ack)));
+                }
+                InEvent::Packet(packet) => {
+                    let input = HubInput::Packet { conn, packet };
+                    if shared.hub.send(HubMsg::Input(input)).await.is_err() {
+                        return CloseReason::ServerClosed;
+                    }
+                }
+                InEvent::Reply(p) => {
+                    if link.tx.send(LinkItem::Packet(p)).await.is_err() {
+                        return CloseReason::ServerClosed;
+                    }
+                }
+                InEvent::Close { reason, disconnect } => {
+                    match &reason {
+                        CloseReason::Violation { detail, .. } => {
+                            tracing::info!(%peer, conn, %detail, "protocol violation; closing")
+                        }
+                        CloseReason::KeepAliveTimeout | CloseReason::ConnectTimeout => {
+                            tracing::info!(%peer, conn, ?reason, "closing idle connection")
+                        }
+                        _ => {}
+                    }
+                    if let Some(d) = disconnect {
+                        let _ = link.tx.try_send(LinkItem::Packet(d));
+                    }
+                    let _ = link.tx.try_send(LinkItem::Close);
+                    return reason;
+                }
+            }
+        }
+    }
+}
+
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<LinkItem>,
+    state: Arc<LinkState>,
+    conn: ConnId,
+    hub: &mpsc::Sender<HubMsg>,
+) {
+    // Until CONNECT arrives only a refusal can be written, and that uses 3.1.1 framing.
+    let mut machine = Outbound::new(Version::V311, 0);
+    let mut out = Vec::with_capacity(16 * 1024);
+    let mut closing = false;
+    loop {
+        let first = tokio::select! {
+            item = rx.recv() => item,
+            _ = state.close.notified() => {
+                closing = true;
+                rx.try_recv().ok()
+            }
+        };
+        let Some(first) = first else { break };
+        let mut item = Some(first);
+        // Batch whatever is already queued into one write.
+        while let Some(it) = item.take() {
+            match it {
+                LinkItem::Packet(p) => machine.encode(p, &mut out),
+                LinkItem::Configure { version, alias_max } => {
+                    machine = Outbound::new(version, alias_max)
+                }
+                LinkItem::Close => closing = true,
+            }
+            if out.len() < 64 * 1024 {
+                item = rx.try_recv().ok();
+            }
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        if state.want_ready.swap(false, Ordering::SeqCst) {
+            let _ = hub.send(HubMsg::Input(HubInput::Ready { conn })).await;
+        }
+        if closing {
+            // Drain what the hub queued before it asked us to close.
+            while let Ok(it) = rx.try_recv() {
+                if let LinkItem::Packet(p) = it {
+                    machine.encode(p, &mut out);
+                }
+            }
+            let _ = wr.write_all(&out).await;
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}

@@ -1,0 +1,150 @@
+//! Wiring: builds the hub and the listeners from a `Config`, tells systemd we are ready, and
+//! runs until SIGTERM or SIGINT, then shuts down in order: stop accepting, publish wills and
+//! close connections, stop.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+use crate::config::{Config, ListenerKind};
+use crate::hub::{Hub, HubConfig};
+use crate::io::hub_task::{self, HubMsg, HUB_QUEUE};
+use crate::io::mqtt_listener::{self, ListenerShared};
+use crate::proto::mqtt::server::ServerLimits;
+use crate::systemd;
+
+/// How long shutdown waits for connections to flush before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Why the server could not run.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// A listener's address could not be bound.
+    #[error("cannot bind {kind} listener on {addr}: {source}")]
+    Bind {
+        kind: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// A signal handler could not be installed.
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// The hub's limits from the config.
+pub fn hub_config(c: &Config) -> HubConfig {
+    HubConfig {
+        max_inflight: c.limits.max_inflight.get(),
+        max_queued: c.limits.max_queued.get(),
+        max_packet_size: c.limits.max_packet_size.0.min(u32::MAX as u64) as u32,
+        topic_alias_maximum: c.limits.topic_alias_maximum,
+    }
+}
+
+/// Each connection's limits from the config.
+pub fn server_limits(c: &Config) -> ServerLimits {
+    ServerLimits {
+        max_packet_size: c.limits.max_packet_size.0.min(u32::MAX as u64) as u32,
+        max_keepalive: c.limits.max_keepalive.0.as_secs().min(u16::MAX as u64) as u16,
+        topic_alias_maximum: c.limits.topic_alias_maximum,
+        connect_timeout: c.limits.connect_timeout.0,
+    }
+}
+
+/// Runs outpost until a termination signal.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+
+    let data_dir = config.data_dir();
+    std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let gateway = config.gateway_id();
+    tracing::info!(gateway = %gateway, data_dir = %data_dir.display(), "starting outpost {}", env!("CARGO_PKG_VERSION"));
+
+    let (hub_tx, hub_rx) = mpsc::channel(HUB_QUEUE);
+    let hub = Hub::new(hub_config(&config));
+    let hub_handle = tokio::spawn(hub_task::run(hub, hub_rx, SHUTDOWN_GRACE));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(ListenerShared {
+        hub: hub_tx.clone(),
+        limits: server_limits(&config),
+        connections: Arc::new(Semaphore::new(config.limits.max_connections.get())),
+        next_conn: AtomicU64::new(1),
+    });
+    let mut accept_tasks = Vec::new();
+    for l in &config.listeners {
+        match l.kind {
+            ListenerKind::Mqtt => {
+                let listener = TcpListener::bind(l.bind).await.map_err(|source| {
+                    ServerError::Bind {
+                        kind: "mqtt",
+                        addr: l.bind,
+                        source,
+                    }
+                })?;
+                let addr = listener.local_addr().unwrap_or(l.bind);
+                tracing::info!(kind = "mqtt", %addr, "listening for MQTT 3.1, 3.1.1 and 5.0 on {addr}");
+                accept_tasks.push(tokio::spawn(mqtt_listener::serve(
+                    listener,
+                    shared.clone(),
+                    stop_rx.clone(),
+                )));
+            }
+        }
+    }
+    tracing::info!("no uplink configured: running local-only");
+    systemd::ready(&format!("{} listener(s) up; local-only", config.listeners.len()));
+
+    let watchdog = systemd::watchdog_interval().map(|every| {
+        let hub = hub_tx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                // Pet the watchdog only while the hub still takes input: a wedged hub gets
+                // us restarted.
+                if hub.capacity() > 0 || hub.is_closed() {
+                    systemd::watchdog();
+                }
+            }
+        })
+    });
+
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    systemd::stopping();
+    let _ = stop_tx.send(true);
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    let (done_tx, done_rx) = oneshot::channel();
+    if hub_tx.send(HubMsg::Shutdown(done_tx)).await.is_ok() {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), done_rx).await;
+    }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    drop(hub_tx);
+    drop(shared);
+    hub_handle.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
