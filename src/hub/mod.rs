@@ -262,33 +262,21 @@ impl Hub {
         };
 
         let mut present = false;
-        if let Some(old) = self.sessions.get_mut(&id) {
-            if let Some(old_conn) = old.conn.take() {
-                // Session takeover ([MQTT-3.1.4-3]): the old connection goes, and its will
-                // counts as an abnormal close.
-                self.conns.remove(&old_conn);
-                let dc = old
-                    .version
-                    .is_v5()
-                    .then(|| disconnect(reason::SESSION_TAKEN_OVER));
-                out.close(old_conn, dc);
-                old.control.clear();
-                if let Some(w) = old.will.take() {
-                    if will_delay(&w) == 0 {
-                        self.publish_will(now, &id, w, out);
-                    } else {
-                        // A new connection arrived before the delay ran out: never sent.
-                        drop(w);
-                    }
-                }
-            }
-            let old = self.sessions.get_mut(&id);
-            if c.clean_start {
-                self.end_session(now, &id, out);
-            } else if let Some(old) = old {
-                present = true;
-                old.pending_will = None;
-            }
+        let old_conn = self.sessions.get(&id).and_then(|s| s.conn);
+        if let Some(old_conn) = old_conn {
+            // Session takeover ([MQTT-3.1.4-3]): the old connection is closed by the server,
+            // which counts as an abnormal close for its will and its session expiry.
+            self.conns.remove(&old_conn);
+            let v5 = self.sessions.get(&id).is_some_and(|s| s.version.is_v5());
+            out.close(old_conn, v5.then(|| disconnect(reason::SESSION_TAKEN_OVER)));
+            self.detach(now, &id, CloseReason::ServerClosed, out);
+        }
+        if c.clean_start {
+            self.end_session(now, &id, out);
+        } else if let Some(old) = self.sessions.get_mut(&id) {
+            present = true;
+            // A new connection before the will delay ran out: that will is never sent.
+            old.pending_will = None;
         }
 
         let expiry = if v.is_v5() {
@@ -626,10 +614,16 @@ impl Hub {
         let Some(id) = self.conns.remove(&conn) else {
             return;
         };
+        tracing::debug!(client = %id, conn, reason = ?why, "client disconnected");
+        self.detach(now, &id, why, out);
+    }
+
+    /// The session's connection is gone: handle its will and start its expiry.
+    fn detach(&mut self, now: Instant, id: &Arc<str>, why: CloseReason, out: &mut dyn Outlet) {
+        let id = id.clone();
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        tracing::debug!(client = %id, conn, reason = ?why, "client disconnected");
         s.conn = None;
         s.control.clear();
         s.stalled = false;

@@ -1,0 +1,567 @@
+//! The hub driven without a network: a fake outlet records what each connection would be sent,
+//! and time is whatever `Instant` the test hands in.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::proto::mqtt::{SubOptions, Will};
+
+#[derive(Default)]
+struct FakeOutlet {
+    sent: HashMap<ConnId, Vec<Packet>>,
+    closed: HashMap<ConnId, Option<Packet>>,
+    /// Per-connection capacity; absent means unlimited.
+    room: HashMap<ConnId, usize>,
+}
+
+impl Outlet for FakeOutlet {
+    fn try_send(&mut self, conn: ConnId, p: Packet) -> Result<(), Packet> {
+        if let Some(r) = self.room.get_mut(&conn) {
+            if *r == 0 {
+                return Err(p);
+            }
+            *r -= 1;
+        }
+        self.sent.entry(conn).or_default().push(p);
+        Ok(())
+    }
+    fn close(&mut self, conn: ConnId, last: Option<Packet>) {
+        self.closed.insert(conn, last);
+    }
+}
+
+impl FakeOutlet {
+    fn take(&mut self, conn: ConnId) -> Vec<Packet> {
+        self.sent.remove(&conn).unwrap_or_default()
+    }
+    fn publishes(&mut self, conn: ConnId) -> Vec<Publish> {
+        self.take(conn)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+struct T {
+    hub: Hub,
+    out: FakeOutlet,
+    now: Instant,
+}
+
+fn t() -> T {
+    T {
+        hub: Hub::new(HubConfig::default()),
+        out: FakeOutlet::default(),
+        now: Instant::now(),
+    }
+}
+
+fn connect(v: Version, id: &str, clean: bool) -> Connect {
+    Connect {
+        version: v,
+        clean_start: clean,
+        keep_alive: 60,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    }
+}
+
+fn opts(q: QoS) -> SubOptions {
+    SubOptions {
+        qos: q,
+        ..SubOptions::default()
+    }
+}
+
+fn msg(topic: &str, payload: &str, qos: QoS, pid: u16) -> Publish {
+    Publish {
+        qos,
+        topic: topic.into(),
+        packet_id: pid,
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        ..Publish::default()
+    }
+}
+
+impl T {
+    fn input(&mut self, i: HubInput) {
+        self.hub.handle(self.now, i, &mut self.out);
+    }
+    fn connect_with(&mut self, conn: ConnId, c: Connect) -> ConnAck {
+        self.input(HubInput::Connect {
+            conn,
+            keep_alive: c.keep_alive,
+            connect: Box::new(c),
+        });
+        match self.out.sent.get_mut(&conn).map(|v| v.remove(0)) {
+            Some(Packet::ConnAck(a)) => a,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+    fn connect(&mut self, conn: ConnId, v: Version, id: &str, clean: bool) -> ConnAck {
+        self.connect_with(conn, connect(v, id, clean))
+    }
+    fn packet(&mut self, conn: ConnId, p: Packet) {
+        self.input(HubInput::Packet { conn, packet: p });
+    }
+    fn subscribe(&mut self, conn: ConnId, filter: &str, o: SubOptions, id: Option<u32>) -> Vec<u8> {
+        let mut properties = Properties::default();
+        properties.subscription_identifiers.extend(id);
+        self.packet(
+            conn,
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                filters: vec![(filter.into(), o)],
+                properties,
+            }),
+        );
+        match self.out.sent.get_mut(&conn).map(|v| v.remove(0)) {
+            Some(Packet::SubAck(a)) => a.codes,
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+    fn publish(&mut self, conn: ConnId, p: Publish) {
+        self.packet(conn, Packet::Publish(p));
+    }
+    fn close(&mut self, conn: ConnId, reason: CloseReason) {
+        self.input(HubInput::Closed { conn, reason });
+    }
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.hub.handle_timeout(self.now, &mut self.out);
+    }
+}
+
+const LOST: CloseReason = CloseReason::ConnectionLost;
+const BYE: CloseReason = CloseReason::Disconnect {
+    with_will: false,
+    session_expiry: None,
+};
+
+#[test]
+fn publish_subscribe_qos1_roundtrip() {
+    let mut t = t();
+    t.connect(1, Version::V311, "sub", true);
+    t.connect(2, Version::V311, "pub", true);
+    assert_eq!(t.subscribe(1, "a/+", opts(QoS::AtLeastOnce), None), vec![1]);
+    t.publish(2, msg("a/b", "hi", QoS::AtLeastOnce, 10));
+    assert_eq!(
+        t.out.take(2),
+        vec![Packet::PubAck(Ack {
+            packet_id: 10,
+            ..Ack::default()
+        })]
+    );
+    let got = t.out.publishes(1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].qos, QoS::AtLeastOnce);
+    assert_eq!(&got[0].payload[..], b"hi");
+    assert!(!got[0].retain);
+    let pid = got[0].packet_id;
+    assert_ne!(pid, 0);
+    t.packet(
+        1,
+        Packet::PubAck(Ack {
+            packet_id: pid,
+            ..Ack::default()
+        }),
+    );
+    assert_eq!(t.hub.sessions.get("sub").map(|s| s.inflight.len()), Some(0));
+}
+
+#[test]
+fn qos_is_downgraded_and_overlaps_give_one_copy_at_highest_qos() {
+    let mut t = t();
+    t.connect(1, Version::V5, "sub", true);
+    t.connect(2, Version::V5, "pub", true);
+    t.subscribe(1, "a/#", opts(QoS::AtMostOnce), Some(1));
+    t.subscribe(1, "a/+", opts(QoS::ExactlyOnce), Some(2));
+    t.publish(2, msg("a/b", "x", QoS::AtLeastOnce, 1));
+    let got = t.out.publishes(1);
+    assert_eq!(got.len(), 1, "one copy for overlapping subscriptions");
+    assert_eq!(got[0].qos, QoS::AtLeastOnce, "min(published, highest granted)");
+    let mut ids = got[0].properties.subscription_identifiers.clone();
+    ids.sort();
+    assert_eq!(ids, vec![1, 2]);
+}
+
+#[test]
+fn dollar_topics_not_matched_by_leading_wildcards() {
+    let mut t = t();
+    t.connect(1, Version::V311, "sub", true);
+    t.connect(2, Version::V311, "pub", true);
+    t.subscribe(1, "#", opts(QoS::AtMostOnce), None);
+    t.subscribe(1, "+/x", opts(QoS::AtMostOnce), None);
+    t.publish(2, msg("$SYS/x", "x", QoS::AtMostOnce, 0));
+    assert!(t.out.publishes(1).is_empty());
+    t.subscribe(1, "$SYS/#", opts(QoS::AtMostOnce), None);
+    t.publish(2, msg("$SYS/x", "x", QoS::AtMostOnce, 0));
+    assert_eq!(t.out.publishes(1).len(), 1);
+}
+
+#[test]
+fn retained_set_delivered_on_subscribe_and_deleted() {
+    let mut t = t();
+    t.connect(2, Version::V5, "pub", true);
+    let mut p = msg("r/1", "keep", QoS::AtLeastOnce, 1);
+    p.retain = true;
+    t.publish(2, p);
+    t.connect(1, Version::V5, "sub", true);
+    t.subscribe(1, "r/#", opts(QoS::AtMostOnce), None);
+    let got = t.out.publishes(1);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].retain, "retained on subscribe keeps retain=1");
+    assert_eq!(got[0].qos, QoS::AtMostOnce);
+    // retain handling 1: only for a new subscription.
+    let mut o = opts(QoS::AtMostOnce);
+    o.retain_handling = 1;
+    t.subscribe(1, "r/#", o, None);
+    assert!(t.out.publishes(1).is_empty());
+    // retain handling 2: never.
+    o.retain_handling = 2;
+    t.subscribe(1, "r/+", o, None);
+    assert!(t.out.publishes(1).is_empty());
+    // A live retained publish reaches subscribers with retain=0 unless retain-as-published.
+    let mut p = msg("r/1", "", QoS::AtMostOnce, 0);
+    p.retain = true;
+    t.publish(2, p);
+    let live = t.out.publishes(1);
+    assert!(live.iter().all(|p| !p.retain));
+    assert_eq!(t.hub.retained(), 0, "empty payload deletes");
+}
+
+#[test]
+fn will_on_abnormal_close_not_on_disconnect() {
+    let mut t = t();
+    t.connect(1, Version::V311, "watch", true);
+    t.subscribe(1, "will/#", opts(QoS::AtLeastOnce), None);
+    for (conn, reason, expect) in [(2, LOST, 1), (3, BYE, 0)] {
+        let mut c = connect(Version::V311, "dier", true);
+        c.will = Some(Will {
+            topic: "will/dier".into(),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        t.connect_with(conn, c);
+        t.close(conn, reason.clone());
+        assert_eq!(t.out.publishes(1).len(), expect, "{reason:?}");
+    }
+}
+
+#[test]
+fn will_delay_cancelled_by_reconnect_and_fired_after_delay() {
+    let mut t = t();
+    t.connect(1, Version::V5, "watch", true);
+    t.subscribe(1, "will/#", opts(QoS::AtMostOnce), None);
+    let mk = || {
+        let mut c = connect(Version::V5, "dier", false);
+        c.properties.session_expiry_interval = Some(100);
+        c.will = Some(Will {
+            topic: "will/dier".into(),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties {
+                will_delay_interval: Some(5),
+                ..Properties::default()
+            },
+        });
+        c
+    };
+    t.connect_with(2, mk());
+    t.close(2, LOST);
+    t.advance(Duration::from_secs(2));
+    assert!(t.out.publishes(1).is_empty());
+    let ack = t.connect_with(3, mk());
+    assert!(ack.session_present);
+    t.advance(Duration::from_secs(10));
+    assert!(t.out.publishes(1).is_empty(), "reconnect cancels the delayed will");
+    t.close(3, LOST);
+    t.advance(Duration::from_secs(4));
+    assert!(t.out.publishes(1).is_empty());
+    t.advance(Duration::from_secs(2));
+    assert_eq!(t.out.publishes(1).len(), 1, "fires after the delay");
+}
+
+#[test]
+fn disconnect_with_will_publishes_it() {
+    let mut t = t();
+    t.connect(1, Version::V5, "watch", true);
+    t.subscribe(1, "w", opts(QoS::AtMostOnce), None);
+    let mut c = connect(Version::V5, "d", true);
+    c.will = Some(Will {
+        topic: "w".into(),
+        payload: Bytes::from_static(b"x"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    t.connect_with(2, c);
+    t.close(
+        2,
+        CloseReason::Disconnect {
+            with_will: true,
+            session_expiry: None,
+        },
+    );
+    assert_eq!(t.out.publishes(1).len(), 1);
+}
+
+#[test]
+fn takeover_closes_old_connection_with_0x8e() {
+    let mut t = t();
+    t.connect(1, Version::V5, "same", false);
+    let ack = t.connect(2, Version::V5, "same", false);
+    assert_eq!(
+        t.out.closed.get(&1),
+        Some(&Some(Packet::Disconnect(Disconnect {
+            reason: reason::SESSION_TAKEN_OVER,
+            properties: Properties::default()
+        })))
+    );
+    assert!(!ack.session_present, "v5 with session expiry 0 did not keep the session");
+    // The old connection's late Closed must not detach the new one.
+    t.close(1, LOST);
+    assert_eq!(t.hub.connected(), 1);
+}
+
+#[test]
+fn persistent_session_queues_offline_and_resends_inflight_with_dup() {
+    let mut t = t();
+    t.connect(1, Version::V311, "p", false);
+    t.connect(9, Version::V311, "pub", true);
+    t.subscribe(1, "q", opts(QoS::ExactlyOnce), None);
+    t.publish(9, msg("q", "inflight", QoS::AtLeastOnce, 1));
+    assert_eq!(t.out.publishes(1).len(), 1);
+    t.close(1, LOST);
+    for i in 0..3 {
+        t.publish(9, msg("q", &format!("m{i}"), QoS::ExactlyOnce, 2 + i));
+    }
+    t.publish(9, msg("q", "qos0 dropped offline", QoS::AtMostOnce, 0));
+    let ack = t.connect(2, Version::V311, "p", false);
+    assert!(ack.session_present);
+    let got = t.out.publishes(2);
+    let payloads: Vec<&[u8]> = got.iter().map(|p| &p.payload[..]).collect();
+    assert_eq!(payloads, vec![&b"inflight"[..], b"m0", b"m1", b"m2"]);
+    assert!(got[0].dup, "resent inflight has DUP");
+    assert!(got[1..].iter().all(|p| !p.dup));
+}
+
+#[test]
+fn clean_session_discards_and_v5_expiry_ends_session() {
+    let mut t = t();
+    let mut c = connect(Version::V5, "e", false);
+    c.properties.session_expiry_interval = Some(30);
+    t.connect_with(1, c.clone());
+    t.subscribe(1, "x", opts(QoS::AtLeastOnce), None);
+    t.close(1, LOST);
+    t.advance(Duration::from_secs(29));
+    assert_eq!(t.hub.sessions(), 1);
+    t.advance(Duration::from_secs(2));
+    assert_eq!(t.hub.sessions(), 0);
+    let ack = t.connect_with(2, c);
+    assert!(!ack.session_present);
+}
+
+#[test]
+fn slow_connection_stalls_then_resumes_on_ready() {
+    let mut t = t();
+    t.connect(1, Version::V311, "slow", true);
+    t.connect(2, Version::V311, "pub", true);
+    t.subscribe(1, "s", opts(QoS::AtMostOnce), None);
+    t.out.room.insert(1, 2);
+    for i in 0..5 {
+        t.publish(2, msg("s", &i.to_string(), QoS::AtMostOnce, 0));
+    }
+    assert_eq!(t.out.publishes(1).len(), 2);
+    t.out.room.insert(1, 100);
+    t.input(HubInput::Ready { conn: 1 });
+    let rest: Vec<String> = t
+        .out
+        .publishes(1)
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    assert_eq!(rest, ["2", "3", "4"], "order kept across the stall");
+}
+
+#[test]
+fn inflight_window_respects_client_receive_maximum() {
+    let mut t = t();
+    let mut c = connect(Version::V5, "rm", true);
+    c.properties.receive_maximum = Some(2);
+    t.connect_with(1, c);
+    t.connect(2, Version::V5, "pub", true);
+    t.subscribe(1, "w", opts(QoS::AtLeastOnce), None);
+    for i in 0..5 {
+        t.publish(2, msg("w", &i.to_string(), QoS::AtLeastOnce, 1 + i));
+    }
+    let first = t.out.publishes(1);
+    assert_eq!(first.len(), 2);
+    t.packet(
+        1,
+        Packet::PubAck(Ack {
+            packet_id: first[0].packet_id,
+            ..Ack::default()
+        }),
+    );
+    assert_eq!(t.out.publishes(1).len(), 1);
+}
+
+#[test]
+fn no_local_and_shared_round_robin() {
+    let mut t = t();
+    t.connect(1, Version::V5, "a", true);
+    t.connect(2, Version::V5, "b", true);
+    let mut nl = opts(QoS::AtMostOnce);
+    nl.no_local = true;
+    t.subscribe(1, "n", nl, None);
+    t.publish(1, msg("n", "own", QoS::AtMostOnce, 0));
+    assert!(t.out.publishes(1).is_empty());
+    t.subscribe(1, "$share/g/s", opts(QoS::AtMostOnce), None);
+    t.subscribe(2, "$share/g/s", opts(QoS::AtMostOnce), None);
+    for _ in 0..4 {
+        t.publish(1, msg("s", "x", QoS::AtMostOnce, 0));
+    }
+    assert_eq!(t.out.publishes(1).len(), 2);
+    assert_eq!(t.out.publishes(2).len(), 2);
+}
+
+#[test]
+fn qos2_duplicate_is_not_delivered_twice() {
+    let mut t = t();
+    t.connect(1, Version::V311, "sub", true);
+    t.connect(2, Version::V311, "pub", true);
+    t.subscribe(1, "d", opts(QoS::ExactlyOnce), None);
+    t.publish(2, msg("d", "once", QoS::ExactlyOnce, 5));
+    let mut again = msg("d", "once", QoS::ExactlyOnce, 5);
+    again.dup = true;
+    t.publish(2, again);
+    assert_eq!(t.out.publishes(1).len(), 1);
+    let acks = t.out.take(2);
+    assert!(acks.iter().all(|p| matches!(p, Packet::PubRec(a) if a.packet_id == 5)));
+    t.packet(2, Packet::PubRel(Ack { packet_id: 5, ..Ack::default() }));
+    assert_eq!(
+        t.out.take(2),
+        vec![Packet::PubComp(Ack {
+            packet_id: 5,
+            ..Ack::default()
+        })]
+    );
+}
+
+#[test]
+fn receive_maximum_exceeded_disconnects_with_0x93() {
+    let mut t = t();
+    t.connect(1, Version::V5, "greedy", true);
+    for pid in 1..=100u16 {
+        t.publish(1, msg("x", "", QoS::ExactlyOnce, pid));
+    }
+    assert!(t.out.closed.is_empty());
+    t.publish(1, msg("x", "", QoS::ExactlyOnce, 101));
+    assert_eq!(
+        t.out.closed.get(&1),
+        Some(&Some(Packet::Disconnect(Disconnect {
+            reason: reason::RECEIVE_MAXIMUM_EXCEEDED,
+            properties: Properties::default()
+        })))
+    );
+}
+
+#[test]
+fn expired_messages_are_dropped_and_remaining_expiry_sent() {
+    let mut t = t();
+    t.connect(1, Version::V5, "late", false);
+    t.connect(2, Version::V5, "pub", true);
+    let mut c = connect(Version::V5, "late", false);
+    c.properties.session_expiry_interval = Some(1000);
+    t.connect_with(1, c.clone());
+    t.subscribe(1, "e", opts(QoS::AtLeastOnce), None);
+    t.close(1, LOST);
+    for (payload, exp) in [("short", 5), ("long", 100)] {
+        let mut p = msg("e", payload, QoS::AtLeastOnce, 1);
+        p.properties.message_expiry_interval = Some(exp);
+        t.publish(2, p);
+    }
+    t.advance(Duration::from_secs(10));
+    t.connect_with(3, c);
+    let got = t.out.publishes(3);
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].payload[..], b"long");
+    assert_eq!(got[0].properties.message_expiry_interval, Some(90));
+}
+
+#[test]
+fn too_large_for_client_is_discarded() {
+    let mut t = t();
+    let mut c = connect(Version::V5, "small", true);
+    c.properties.maximum_packet_size = Some(64);
+    t.connect_with(1, c);
+    t.connect(2, Version::V5, "pub", true);
+    t.subscribe(1, "big", opts(QoS::AtLeastOnce), None);
+    t.publish(2, msg("big", &"x".repeat(100), QoS::AtLeastOnce, 1));
+    t.publish(2, msg("big", "fits", QoS::AtLeastOnce, 2));
+    let got = t.out.publishes(1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].payload[..], b"fits");
+}
+
+#[test]
+fn empty_client_ids() {
+    let mut t = t();
+    let ack = t.connect(1, Version::V5, "", true);
+    assert!(ack.properties.assigned_client_identifier.is_some());
+    let ack = t.connect(2, Version::V311, "", true);
+    assert_eq!(ack.code, 0);
+    t.input(HubInput::Connect {
+        conn: 3,
+        keep_alive: 0,
+        connect: Box::new(connect(Version::V311, "", false)),
+    });
+    assert_eq!(
+        t.out.take(3),
+        vec![Packet::ConnAck(ConnAck {
+            code: reason::V3_IDENTIFIER_REJECTED,
+            ..ConnAck::default()
+        })]
+    );
+    assert!(t.out.closed.contains_key(&3));
+}
+
+#[test]
+fn shutdown_publishes_wills_and_closes_everyone() {
+    let mut t = t();
+    t.connect(1, Version::V5, "watch", true);
+    t.subscribe(1, "w", opts(QoS::AtMostOnce), None);
+    let mut c = connect(Version::V311, "d", true);
+    c.will = Some(Will {
+        topic: "w".into(),
+        payload: Bytes::from_static(b"x"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    t.connect_with(2, c);
+    t.hub.shutdown(t.now, &mut t.out);
+    assert_eq!(t.out.publishes(1).len(), 1);
+    assert_eq!(t.out.closed.len(), 2);
+    assert_eq!(
+        t.out.closed.get(&1),
+        Some(&Some(Packet::Disconnect(Disconnect {
+            reason: reason::SERVER_SHUTTING_DOWN,
+            properties: Properties::default()
+        })))
+    );
+    assert_eq!(t.out.closed.get(&2), Some(&None), "3.1.1 has no DISCONNECT from the server");
+}
