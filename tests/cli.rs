@@ -1,0 +1,90 @@
+//! The command line: `check` errors that name file:line:column and key, `--version`, and the
+//! systemd notify protocol spoken to a real datagram socket.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::Duration;
+
+use common::Outpost;
+
+fn outpost(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .output()
+        .expect("run outpost")
+}
+
+#[test]
+fn version_and_help() {
+    let v = outpost(&["--version"]);
+    assert!(v.status.success());
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("outpost "));
+    let h = outpost(&["--help"]);
+    assert!(String::from_utf8_lossy(&h.stdout).contains("check"));
+}
+
+#[test]
+fn check_accepts_embedded_defaults_and_a_good_file() {
+    let o = outpost(&["check"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("127.0.0.1:1883"), "{out}");
+    assert!(out.contains("local-only"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.toml");
+    std::fs::write(&p, "[gateway]\nid = \"site-042\"\n[[listener]]\nkind = \"mqtt\"\nbind = \"0.0.0.0:1884\"\n").unwrap();
+    let o = outpost(&["check", "--config", p.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("site-042"));
+}
+
+#[test]
+fn check_names_file_line_column_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, "[gateway]\nid = \"x\"\n\n[limits]\nmax_keepalive = \"sixty\"\n").unwrap();
+    let o = outpost(&["check", "--config", p.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let want = format!("{}:5:17: key `max_keepalive`:", p.display());
+    assert!(err.contains(&want), "{err}");
+    // `run` refuses the same file the same way, before binding anything.
+    let o = outpost(&["run", "--config", p.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&want));
+    let o = outpost(&["check", "--config", "/nonexistent/outpost.toml"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/outpost.toml"));
+}
+
+#[test]
+fn speaks_sd_notify() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut o = Outpost::start_env(
+        data,
+        "",
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "400000")],
+    );
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !(seen.contains("READY=1") && seen.contains("WATCHDOG=1")) {
+        let n = sock.recv(&mut buf).expect("notify message");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    assert!(seen.contains("STATUS="), "{seen}");
+    let (status, _) = o.terminate();
+    assert!(status.success());
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+}
