@@ -88,8 +88,13 @@ pub enum HubInput {
     },
     /// Any other packet from a connected client.
     Packet { conn: ConnId, packet: Packet },
-    /// The connection is gone.
-    Closed { conn: ConnId, reason: CloseReason },
+    /// The connection is gone, or must go: `notify` is a DISCONNECT to write after whatever
+    /// the hub already queued for it (so a CONNACK is never overtaken).
+    Closed {
+        conn: ConnId,
+        reason: CloseReason,
+        notify: Option<Packet>,
+    },
     /// The connection's queue has room again after a refused `try_send`.
     Ready { conn: ConnId },
 }
@@ -153,7 +158,14 @@ impl Hub {
                 keep_alive,
             } => self.on_connect(now, conn, connect, keep_alive, out),
             HubInput::Packet { conn, packet } => self.on_packet(now, conn, packet, out),
-            HubInput::Closed { conn, reason } => self.on_closed(now, conn, reason, out),
+            HubInput::Closed {
+                conn,
+                reason,
+                notify,
+            } => {
+                out.close(conn, notify);
+                self.on_closed(now, conn, reason, out)
+            }
             HubInput::Ready { conn } => {
                 if let Some(s) = self.conns.get(&conn).and_then(|id| self.sessions.get_mut(id)) {
                     s.pump(now, &self.cfg, &mut self.stats, out);

@@ -133,7 +133,11 @@ impl T {
         self.packet(conn, Packet::Publish(p));
     }
     fn close(&mut self, conn: ConnId, reason: CloseReason) {
-        self.input(HubInput::Closed { conn, reason });
+        self.input(HubInput::Closed {
+            conn,
+            reason,
+            notify: None,
+        });
     }
     fn advance(&mut self, d: Duration) {
         self.now += d;

@@ -78,19 +78,35 @@ async fn connection(stream: TcpStream, peer: SocketAddr, conn: ConnId, shared: A
     let reader = read_loop(rd, peer, conn, &shared, link, &attached);
     let writer = write_loop(wr, rx, state, conn, &shared.hub);
     tokio::pin!(reader, writer);
-    let reason = tokio::select! {
-        r = &mut reader => {
-            // Let the writer flush a final CONNACK or DISCONNECT, but not for ever.
-            let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
-            r
-        }
-        _ = &mut writer => CloseReason::ServerClosed,
+    let closed = tokio::select! {
+        r = &mut reader => Some(r),
+        _ = &mut writer => None,
     };
-    if attached.load(Ordering::Relaxed) {
-        let _ = shared
-            .hub
-            .send(HubMsg::Input(HubInput::Closed { conn, reason }))
-            .await;
+    match closed {
+        Some((reason, notify)) if attached.load(Ordering::Relaxed) => {
+            // The hub closes the link after what it already queued, then our DISCONNECT.
+            let input = HubInput::Closed {
+                conn,
+                reason,
+                notify,
+            };
+            if shared.hub.send(HubMsg::Input(input)).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+            }
+        }
+        Some(_) => {
+            // Never attached: the reader queued its own last words; let them flush.
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+        }
+        None if attached.load(Ordering::Relaxed) => {
+            let input = HubInput::Closed {
+                conn,
+                reason: CloseReason::ServerClosed,
+                notify: None,
+            };
+            let _ = shared.hub.send(HubMsg::Input(input)).await;
+        }
+        None => {}
     }
 }
 
@@ -101,7 +117,7 @@ async fn read_loop(
     shared: &ListenerShared,
     link: Link,
     attached: &std::sync::atomic::AtomicBool,
-) -> CloseReason {
+) -> (CloseReason, Option<Packet>) {
     let mut machine = Inbound::new(Instant::now().into_std(), shared.limits.clone());
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -122,14 +138,14 @@ async fn read_loop(
                         alias_max,
                     };
                     if link.tx.send(configure).await.is_err() {
-                        return CloseReason::ServerClosed;
+                        return (CloseReason::ServerClosed, None);
                     }
                     let attach = HubMsg::Attach {
                         conn,
                         link: link.clone(),
                     };
                     if shared.hub.send(attach).await.is_err() {
-                        return CloseReason::ServerClosed;
+                        return (CloseReason::ServerClosed, None);
                     }
                     attached.store(true, Ordering::Relaxed);
                     tracing::debug!(%peer, conn, client = %connect.client_id, "CONNECT");
@@ -139,7 +155,7 @@ async fn read_loop(
                         keep_alive,
                     };
                     if shared.hub.send(HubMsg::Input(input)).await.is_err() {
-                        return CloseReason::ServerClosed;
+                        return (CloseReason::ServerClosed, None);
                     }
                 }
                 InEvent::Refuse { code, version } => {
@@ -156,12 +172,12 @@ async fn read_loop(
                 InEvent::Packet(packet) => {
                     let input = HubInput::Packet { conn, packet };
                     if shared.hub.send(HubMsg::Input(input)).await.is_err() {
-                        return CloseReason::ServerClosed;
+                        return (CloseReason::ServerClosed, None);
                     }
                 }
                 InEvent::Reply(p) => {
                     if link.tx.send(LinkItem::Packet(p)).await.is_err() {
-                        return CloseReason::ServerClosed;
+                        return (CloseReason::ServerClosed, None);
                     }
                 }
                 InEvent::Close { reason, disconnect } => {
@@ -174,11 +190,14 @@ async fn read_loop(
                         }
                         _ => {}
                     }
+                    if attached.load(Ordering::Relaxed) {
+                        return (reason, disconnect);
+                    }
                     if let Some(d) = disconnect {
                         let _ = link.tx.try_send(LinkItem::Packet(d));
                     }
                     let _ = link.tx.try_send(LinkItem::Close);
-                    return reason;
+                    return (reason, None);
                 }
             }
         }

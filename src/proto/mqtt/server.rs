@@ -161,8 +161,9 @@ impl Inbound {
             match decode(&self.buf[consumed..], self.version, self.limits.max_packet_size) {
                 Ok(Some((packet, n))) => {
                     consumed += n;
-                    self.touch(now);
+                    // Packet first: CONNECT is what sets the keep-alive that touch() arms.
                     self.on_packet(packet);
+                    self.touch(now);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -210,6 +211,9 @@ impl Inbound {
     }
 
     fn touch(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
         if let Some(ka) = self.keep_alive {
             // [MQTT-3.1.2-24] one and a half times the keep-alive.
             self.deadline = Some(now + ka + ka / 2);
@@ -400,5 +404,152 @@ impl Outbound {
             self.aliases.insert(p.topic.clone(), a);
             p.properties.topic_alias = Some(a);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_bytes(level: u8, keep_alive: u16) -> Vec<u8> {
+        let c = Packet::Connect(Box::new(Connect {
+            version: if level == 5 { Version::V5 } else { Version::V311 },
+            clean_start: true,
+            keep_alive,
+            client_id: "k".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        }));
+        let mut out = Vec::new();
+        encode(&c, if level == 5 { Version::V5 } else { Version::V311 }, &mut out);
+        out
+    }
+
+    fn events(m: &mut Inbound) -> Vec<InEvent> {
+        std::iter::from_fn(|| m.poll_event()).collect()
+    }
+
+    #[test]
+    fn keepalive_armed_by_connect_and_fires_at_one_and_a_half() {
+        let t0 = Instant::now();
+        let mut m = Inbound::new(t0, ServerLimits::default());
+        m.handle_bytes(t0, &connect_bytes(5, 10));
+        assert!(matches!(events(&mut m)[..], [InEvent::Connect { keep_alive: 10, .. }]));
+        assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(15)));
+        m.handle_timeout(t0 + Duration::from_secs(14));
+        assert!(events(&mut m).is_empty());
+        // A PINGREQ pushes the deadline out.
+        m.handle_bytes(t0 + Duration::from_secs(14), &[0xC0, 0]);
+        assert_eq!(events(&mut m), vec![InEvent::Reply(Packet::PingResp)]);
+        m.handle_timeout(t0 + Duration::from_secs(28));
+        assert!(events(&mut m).is_empty());
+        m.handle_timeout(t0 + Duration::from_secs(29));
+        match &events(&mut m)[..] {
+            [InEvent::Close { reason, disconnect }] => {
+                assert_eq!(*reason, CloseReason::KeepAliveTimeout);
+                assert!(matches!(disconnect, Some(Packet::Disconnect(d)) if d.reason == reason::KEEP_ALIVE_TIMEOUT));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_keepalive_caps_v5_only() {
+        let limits = ServerLimits {
+            max_keepalive: 60,
+            ..ServerLimits::default()
+        };
+        let t0 = Instant::now();
+        for (level, asked, want) in [(5, 0, 60), (5, 600, 60), (5, 30, 30), (4, 600, 600)] {
+            let mut m = Inbound::new(t0, limits.clone());
+            m.handle_bytes(t0, &connect_bytes(level, asked));
+            match &events(&mut m)[..] {
+                [InEvent::Connect { keep_alive, .. }] => assert_eq!(*keep_alive, want, "{level} {asked}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn connect_timeout_and_byte_at_a_time_input() {
+        let t0 = Instant::now();
+        let mut m = Inbound::new(t0, ServerLimits::default());
+        for b in connect_bytes(4, 0) {
+            m.handle_bytes(t0, &[b]);
+        }
+        assert!(matches!(events(&mut m)[..], [InEvent::Connect { .. }]));
+        assert_eq!(m.poll_timeout(), None, "keep-alive 0 means no deadline");
+
+        let mut silent = Inbound::new(t0, ServerLimits::default());
+        silent.handle_timeout(t0 + Duration::from_secs(10));
+        assert!(matches!(
+            events(&mut silent)[..],
+            [InEvent::Close { reason: CloseReason::ConnectTimeout, disconnect: None }]
+        ));
+    }
+
+    #[test]
+    fn topic_aliases_inbound() {
+        let t0 = Instant::now();
+        let mut m = Inbound::new(t0, ServerLimits::default());
+        m.handle_bytes(t0, &connect_bytes(5, 0));
+        events(&mut m);
+        let publish = |topic: &str, alias: u16| {
+            let p = Packet::Publish(Publish {
+                topic: topic.into(),
+                payload: bytes::Bytes::from_static(b"x"),
+                properties: Properties {
+                    topic_alias: Some(alias),
+                    ..Properties::default()
+                },
+                ..Publish::default()
+            });
+            let mut out = Vec::new();
+            encode(&p, Version::V5, &mut out);
+            out
+        };
+        m.handle_bytes(t0, &publish("a/b", 3));
+        m.handle_bytes(t0, &publish("", 3));
+        let topics: Vec<String> = events(&mut m)
+            .into_iter()
+            .map(|e| match e {
+                InEvent::Packet(Packet::Publish(p)) => {
+                    assert_eq!(p.properties.topic_alias, None, "alias is stripped");
+                    p.topic
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(topics, ["a/b", "a/b"]);
+    }
+
+    #[test]
+    fn outbound_assigns_aliases_up_to_the_client_maximum() {
+        let mut o = Outbound::new(Version::V5, 1);
+        let mut encoded = Vec::new();
+        for topic in ["t/1", "t/1", "t/2"] {
+            let mut out = Vec::new();
+            o.encode(
+                Packet::Publish(Publish {
+                    topic: topic.into(),
+                    ..Publish::default()
+                }),
+                &mut out,
+            );
+            match decode(&out, Some(Version::V5), u32::MAX) {
+                Ok(Some((Packet::Publish(p), _))) => encoded.push((p.topic, p.properties.topic_alias)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            encoded,
+            vec![
+                ("t/1".to_owned(), Some(1)),
+                (String::new(), Some(1)),
+                ("t/2".to_owned(), None)
+            ]
+        );
     }
 }
