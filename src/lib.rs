@@ -5,14 +5,14 @@
 //! uplink can stand on it. See `ARCHITECTURE.md` for the data flows and the durability contract.
 //!
 //! # Layout
-//! - [`config`]: `outpost.toml` as serde structs, defaults, file:line:col errors.
-//! - [`proto`]: sans-IO protocol machines. [`proto::topic`] holds topic rules;
+//! - [`config`] — `outpost.toml` as serde structs, defaults, file:line:col errors.
+//! - [`proto`] — sans-IO protocol machines. [`proto::topic`] holds topic rules;
 //!   [`proto::mqtt`] the strict codec and the broker-side connection machine.
-//! - [`hub`]: the one router: sessions, subscription tree, retained index, wills, expiry.
-//! - [`io`]: adapters, the only code that touches sockets: the hub task and the MQTT listener.
-//! - [`server`]: wires config, hub and listeners together and runs until shutdown.
-//! - [`telemetry`]: tracing to the journal or stderr.
-//! - [`systemd`]: sd-notify.
+//! - [`hub`] — the one router: sessions, subscription tree, retained index, wills, expiry.
+//! - [`io`] — adapters, the only code that touches sockets: the hub task and the MQTT listener.
+//! - [`server`] — wires config, hub and listeners together and runs until shutdown.
+//! - [`telemetry`] — tracing to the journal or stderr.
+//! - [`systemd`] — sd-notify.
 
 pub mod config;
 pub mod hub;

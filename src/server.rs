@@ -91,13 +91,14 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     for l in &config.listeners {
         match l.kind {
             ListenerKind::Mqtt => {
-                let listener = TcpListener::bind(l.bind).await.map_err(|source| {
-                    ServerError::Bind {
-                        kind: "mqtt",
-                        addr: l.bind,
-                        source,
-                    }
-                })?;
+                let listener =
+                    TcpListener::bind(l.bind)
+                        .await
+                        .map_err(|source| ServerError::Bind {
+                            kind: "mqtt",
+                            addr: l.bind,
+                            source,
+                        })?;
                 let addr = listener.local_addr().unwrap_or(l.bind);
                 tracing::info!(kind = "mqtt", %addr, "listening for MQTT 3.1, 3.1.1 and 5.0 on {addr}");
                 accept_tasks.push(tokio::spawn(mqtt_listener::serve(
@@ -109,7 +110,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         }
     }
     tracing::info!("no uplink configured: running local-only");
-    systemd::ready(&format!("{} listener(s) up; local-only", config.listeners.len()));
+    systemd::ready(&format!(
+        "{} listener(s) up; local-only",
+        config.listeners.len()
+    ));
 
     let watchdog = systemd::watchdog_interval().map(|every| {
         let hub = hub_tx.clone();

@@ -34,7 +34,11 @@ fn check_accepts_embedded_defaults_and_a_good_file() {
     assert!(out.contains("local-only"), "{out}");
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("o.toml");
-    std::fs::write(&p, "[gateway]\nid = \"site-042\"\n[[listener]]\nkind = \"mqtt\"\nbind = \"0.0.0.0:1884\"\n").unwrap();
+    std::fs::write(
+        &p,
+        "[gateway]\nid = \"site-042\"\n[[listener]]\nkind = \"mqtt\"\nbind = \"0.0.0.0:1884\"\n",
+    )
+    .unwrap();
     let o = outpost(&["check", "--config", p.to_str().unwrap()]);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("site-042"));
@@ -44,7 +48,11 @@ fn check_accepts_embedded_defaults_and_a_good_file() {
 fn check_names_file_line_column_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
-    std::fs::write(&p, "[gateway]\nid = \"x\"\n\n[limits]\nmax_keepalive = \"sixty\"\n").unwrap();
+    std::fs::write(
+        &p,
+        "[gateway]\nid = \"x\"\n\n[limits]\nmax_keepalive = \"sixty\"\n",
+    )
+    .unwrap();
     let o = outpost(&["check", "--config", p.to_str().unwrap()]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -64,12 +72,16 @@ fn speaks_sd_notify() {
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let data = tempfile::tempdir().unwrap();
     let mut o = Outpost::start_env(
         data,
         "",
-        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "400000")],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
     );
     let mut seen = String::new();
     let mut buf = [0u8; 4096];

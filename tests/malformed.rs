@@ -47,28 +47,138 @@ fn cases() -> Vec<Case> {
     expiry_connect.extend([5, 2, 0, 60, 0]);
     expiry_connect.extend(s("c"));
     vec![
-        Case { name: "PINGREQ before CONNECT", level: 0, bad: frame(0xC0, &[]), want: Close },
-        Case { name: "wrong protocol name", level: 0, bad: frame(0x10, &wrong_name), want: Close },
-        Case { name: "protocol level 6", level: 0, bad: frame(0x10, &level6), want: ConnAck(0x01) },
-        Case { name: "garbage first byte", level: 0, bad: vec![0x00, 0xFF, 0xFF], want: Close },
-        Case { name: "3.1.1 PUBLISH to a wildcard", level: 4, bad: frame(0x30, &s("a/#")), want: Close },
-        Case { name: "3.1.1 five-byte remaining length", level: 4, bad: vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], want: Close },
-        Case { name: "3.1.1 PUBACK reserved flags", level: 4, bad: frame(0x41, &[0, 1]), want: Close },
-        Case { name: "3.1.1 second CONNECT", level: 4, bad: connect(4, "again"), want: Close },
-        Case { name: "v5 PUBLISH to a wildcard", level: 5, bad: pub5("a/+", &[]), want: Disconnect(0x90) },
-        Case { name: "v5 PUBACK reserved flags", level: 5, bad: frame(0x41, &[0, 1]), want: Disconnect(0x81) },
-        Case { name: "v5 SUBSCRIBE with no filter", level: 5, bad: frame(0x82, &[0, 1, 0]), want: Disconnect(0x82) },
-        Case { name: "v5 topic alias 0", level: 5, bad: pub5("t", &[0x23, 0, 0]), want: Disconnect(0x94) },
-        Case { name: "v5 topic alias above maximum", level: 5, bad: pub5("t", &[0x23, 0, 99]), want: Disconnect(0x94) },
-        Case { name: "v5 unknown topic alias", level: 5, bad: pub5("", &[0x23, 0, 3]), want: Disconnect(0x82) },
-        Case { name: "v5 packet too large", level: 5, bad: vec![0x30, 0xFF, 0xFF, 0xFF, 0x7F], want: Disconnect(0x95) },
-        Case { name: "v5 second CONNECT", level: 5, bad: connect(5, "again"), want: Disconnect(0x82) },
-        Case { name: "v5 CONNACK from a client", level: 5, bad: frame(0x20, &[0, 0, 0]), want: Disconnect(0x82) },
-        Case { name: "v5 duplicate property", level: 5, bad: pub5("t", &[0x01, 0, 0x01, 1]), want: Disconnect(0x82) },
-        Case { name: "v5 subscription id from a client", level: 5, bad: pub5("t", &[0x0B, 5]), want: Disconnect(0x82) },
-        Case { name: "v5 U+0000 in a topic", level: 5, bad: frame(0x30, &[0, 3, b'a', 0, b'b', 0]), want: Disconnect(0x81) },
-        Case { name: "v5 AUTH without a method", level: 5, bad: frame(0xF0, &[]), want: Disconnect(0x82) },
-        Case { name: "v5 DISCONNECT raising session expiry from 0", level: 5, bad: frame(0xE0, &[0, 5, 0x11, 0, 0, 0, 9]), want: Disconnect(0x82) },
+        Case {
+            name: "PINGREQ before CONNECT",
+            level: 0,
+            bad: frame(0xC0, &[]),
+            want: Close,
+        },
+        Case {
+            name: "wrong protocol name",
+            level: 0,
+            bad: frame(0x10, &wrong_name),
+            want: Close,
+        },
+        Case {
+            name: "protocol level 6",
+            level: 0,
+            bad: frame(0x10, &level6),
+            want: ConnAck(0x01),
+        },
+        Case {
+            name: "garbage first byte",
+            level: 0,
+            bad: vec![0x00, 0xFF, 0xFF],
+            want: Close,
+        },
+        Case {
+            name: "3.1.1 PUBLISH to a wildcard",
+            level: 4,
+            bad: frame(0x30, &s("a/#")),
+            want: Close,
+        },
+        Case {
+            name: "3.1.1 five-byte remaining length",
+            level: 4,
+            bad: vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+            want: Close,
+        },
+        Case {
+            name: "3.1.1 PUBACK reserved flags",
+            level: 4,
+            bad: frame(0x41, &[0, 1]),
+            want: Close,
+        },
+        Case {
+            name: "3.1.1 second CONNECT",
+            level: 4,
+            bad: connect(4, "again"),
+            want: Close,
+        },
+        Case {
+            name: "v5 PUBLISH to a wildcard",
+            level: 5,
+            bad: pub5("a/+", &[]),
+            want: Disconnect(0x90),
+        },
+        Case {
+            name: "v5 PUBACK reserved flags",
+            level: 5,
+            bad: frame(0x41, &[0, 1]),
+            want: Disconnect(0x81),
+        },
+        Case {
+            name: "v5 SUBSCRIBE with no filter",
+            level: 5,
+            bad: frame(0x82, &[0, 1, 0]),
+            want: Disconnect(0x82),
+        },
+        Case {
+            name: "v5 topic alias 0",
+            level: 5,
+            bad: pub5("t", &[0x23, 0, 0]),
+            want: Disconnect(0x94),
+        },
+        Case {
+            name: "v5 topic alias above maximum",
+            level: 5,
+            bad: pub5("t", &[0x23, 0, 99]),
+            want: Disconnect(0x94),
+        },
+        Case {
+            name: "v5 unknown topic alias",
+            level: 5,
+            bad: pub5("", &[0x23, 0, 3]),
+            want: Disconnect(0x82),
+        },
+        Case {
+            name: "v5 packet too large",
+            level: 5,
+            bad: vec![0x30, 0xFF, 0xFF, 0xFF, 0x7F],
+            want: Disconnect(0x95),
+        },
+        Case {
+            name: "v5 second CONNECT",
+            level: 5,
+            bad: connect(5, "again"),
+            want: Disconnect(0x82),
+        },
+        Case {
+            name: "v5 CONNACK from a client",
+            level: 5,
+            bad: frame(0x20, &[0, 0, 0]),
+            want: Disconnect(0x82),
+        },
+        Case {
+            name: "v5 duplicate property",
+            level: 5,
+            bad: pub5("t", &[0x01, 0, 0x01, 1]),
+            want: Disconnect(0x82),
+        },
+        Case {
+            name: "v5 subscription id from a client",
+            level: 5,
+            bad: pub5("t", &[0x0B, 5]),
+            want: Disconnect(0x82),
+        },
+        Case {
+            name: "v5 U+0000 in a topic",
+            level: 5,
+            bad: frame(0x30, &[0, 3, b'a', 0, b'b', 0]),
+            want: Disconnect(0x81),
+        },
+        Case {
+            name: "v5 AUTH without a method",
+            level: 5,
+            bad: frame(0xF0, &[]),
+            want: Disconnect(0x82),
+        },
+        Case {
+            name: "v5 DISCONNECT raising session expiry from 0",
+            level: 5,
+            bad: frame(0xE0, &[0, 5, 0x11, 0, 0, 0, 9]),
+            want: Disconnect(0x82),
+        },
     ]
 }
 
@@ -100,7 +210,13 @@ fn run_case(port: u16, case: &Case, round: usize) -> Result<(), String> {
     let mut sock = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     sock.set_nodelay(true).ok();
     if case.level != 0 {
-        write(&mut sock, &connect(case.level, &format!("bad-{round}-{}", case.name.replace(' ', "-"))));
+        write(
+            &mut sock,
+            &connect(
+                case.level,
+                &format!("bad-{round}-{}", case.name.replace(' ', "-")),
+            ),
+        );
     }
     write(&mut sock, &case.bad);
     let (bytes, closed) = read_until_close(&mut sock, Duration::from_secs(10));
@@ -143,7 +259,9 @@ async fn bad_connections_are_closed_and_good_clients_undisturbed() {
         let c = client.clone();
         tokio::spawn(async move {
             for i in 0..n {
-                c.publish("good/t", QoS::AtLeastOnce, false, i.to_string()).await.unwrap();
+                c.publish("good/t", QoS::AtLeastOnce, false, i.to_string())
+                    .await
+                    .unwrap();
                 if i % 20 == 0 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -155,9 +273,11 @@ async fn bad_connections_are_closed_and_good_clients_undisturbed() {
         let deadline = Instant::now() + Duration::from_secs(30);
         while got.len() < n && Instant::now() < deadline {
             match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                    got.push(String::from_utf8_lossy(&p.payload).parse::<usize>().unwrap())
-                }
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push(
+                    String::from_utf8_lossy(&p.payload)
+                        .parse::<usize>()
+                        .unwrap(),
+                ),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => panic!("good client lost its connection: {e}"),
                 Err(_) => break,
@@ -173,7 +293,8 @@ async fn bad_connections_are_closed_and_good_clients_undisturbed() {
         for (i, _) in cases().iter().enumerate() {
             handles.push(tokio::task::spawn_blocking(move || {
                 let case = &cases()[i];
-                run_case(port, case, round).map_err(|e| format!("round {round}, {}: {e}", case.name))
+                run_case(port, case, round)
+                    .map_err(|e| format!("round {round}, {}: {e}", case.name))
             }));
         }
     }
@@ -186,9 +307,20 @@ async fn bad_connections_are_closed_and_good_clients_undisturbed() {
     }
     sender.await.unwrap();
     let got = receiver.await.unwrap();
-    assert!(failures.is_empty(), "{} of {total} bad connections misbehaved:\n{}", failures.len(), failures.join("\n"));
-    assert_eq!(got, (0..n).collect::<Vec<_>>(), "the good client saw a disruption");
-    println!("{total} malformed connections closed correctly; good client received {n}/{n} in order");
+    assert!(
+        failures.is_empty(),
+        "{} of {total} bad connections misbehaved:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(
+        got,
+        (0..n).collect::<Vec<_>>(),
+        "the good client saw a disruption"
+    );
+    println!(
+        "{total} malformed connections closed correctly; good client received {n}/{n} in order"
+    );
 }
 
 #[test]
@@ -214,7 +346,13 @@ fn keepalive_expires_at_one_and_a_half_times() {
     let (bytes, closed) = read_until_close(&mut sock, Duration::from_secs(5));
     let took = t.elapsed();
     assert!(closed);
-    assert!(took >= Duration::from_millis(1400) && took < Duration::from_millis(2500), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
     let p = packets(&bytes);
-    assert_eq!(p.last().map(|(f, b)| (*f, b.first().copied())), Some((0xE0, Some(0x8D))));
+    assert_eq!(
+        p.last().map(|(f, b)| (*f, b.first().copied())),
+        Some((0xE0, Some(0x8D)))
+    );
 }

@@ -34,10 +34,16 @@ fn every_level_and_qos() {
     for v in ["mqttv31", "mqttv311", "mqttv5"] {
         for q in ["0", "1", "2"] {
             let topic = format!("lvl/{v}/{q}");
-            let s = sub(&o, &["-V", v, "-q", q, "-t", &topic, "-C", "3", "-v", "-W", "10"]);
+            let s = sub(
+                &o,
+                &["-V", v, "-q", q, "-t", &topic, "-C", "3", "-v", "-W", "10"],
+            );
             std::thread::sleep(SETTLE);
             for i in 0..3 {
-                publish(&o, &["-V", v, "-q", q, "-t", &topic, "-m", &format!("m{i}")]);
+                publish(
+                    &o,
+                    &["-V", v, "-q", q, "-t", &topic, "-m", &format!("m{i}")],
+                );
             }
             let out = output(s, Duration::from_secs(10));
             let want: String = (0..3).map(|i| format!("{topic} m{i}\n")).collect();
@@ -50,11 +56,18 @@ fn every_level_and_qos() {
 fn retained_set_and_deleted() {
     let o = Outpost::start("");
     publish(&o, &["-t", "ret/a", "-m", "kept", "-r", "-q", "1"]);
-    let s = sub(&o, &["-V", "mqttv5", "-t", "ret/#", "-C", "1", "-v", "-W", "5"]);
+    let s = sub(
+        &o,
+        &["-V", "mqttv5", "-t", "ret/#", "-C", "1", "-v", "-W", "5"],
+    );
     assert_eq!(output(s, Duration::from_secs(6)), "ret/a kept\n");
     publish(&o, &["-t", "ret/a", "-n", "-r"]);
     let s = sub(&o, &["-t", "ret/#", "-C", "1", "-W", "1"]);
-    assert_eq!(output(s, Duration::from_secs(3)), "", "empty retained payload deletes");
+    assert_eq!(
+        output(s, Duration::from_secs(3)),
+        "",
+        "empty retained payload deletes"
+    );
 }
 
 #[test]
@@ -63,12 +76,26 @@ fn will_is_published_when_a_client_dies() {
     let watcher = sub(&o, &["-t", "wills/#", "-C", "1", "-v", "-W", "10"]);
     let mut dier = sub(
         &o,
-        &["-t", "nothing", "--will-topic", "wills/dier", "--will-payload", "gone", "--will-qos", "1", "-i", "dier"],
+        &[
+            "-t",
+            "nothing",
+            "--will-topic",
+            "wills/dier",
+            "--will-payload",
+            "gone",
+            "--will-qos",
+            "1",
+            "-i",
+            "dier",
+        ],
     );
     std::thread::sleep(SETTLE);
     dier.kill().expect("kill");
     let _ = dier.wait();
-    assert_eq!(output(watcher, Duration::from_secs(10)), "wills/dier gone\n");
+    assert_eq!(
+        output(watcher, Duration::from_secs(10)),
+        "wills/dier gone\n"
+    );
 }
 
 #[test]
@@ -77,7 +104,9 @@ fn persistent_session_gets_what_it_missed() {
     for (v, extra) in [("mqttv311", vec![]), ("mqttv5", vec!["-x", "300"])] {
         let id = format!("durable-{v}");
         let topic = format!("dur/{v}");
-        let mut args = vec!["-V", v, "-c", "-i", &id, "-q", "1", "-t", &topic, "-C", "1", "-W", "5"];
+        let mut args = vec![
+            "-V", v, "-c", "-i", &id, "-q", "1", "-t", &topic, "-C", "1", "-W", "5",
+        ];
         args.extend(extra.iter().copied());
         // First connection subscribes, receives one message, and disconnects cleanly.
         let first = sub(&o, &args);
@@ -85,9 +114,23 @@ fn persistent_session_gets_what_it_missed() {
         publish(&o, &["-V", v, "-q", "1", "-t", &topic, "-m", "online"]);
         assert_eq!(output(first, Duration::from_secs(6)), "online\n");
         for i in 0..5 {
-            publish(&o, &["-V", v, "-q", "1", "-t", &topic, "-m", &format!("missed{i}")]);
+            publish(
+                &o,
+                &[
+                    "-V",
+                    v,
+                    "-q",
+                    "1",
+                    "-t",
+                    &topic,
+                    "-m",
+                    &format!("missed{i}"),
+                ],
+            );
         }
-        let mut args = vec!["-V", v, "-c", "-i", &id, "-q", "1", "-t", &topic, "-C", "5", "-W", "5"];
+        let mut args = vec![
+            "-V", v, "-c", "-i", &id, "-q", "1", "-t", &topic, "-C", "5", "-W", "5",
+        ];
         args.extend(extra.iter().copied());
         let again = sub(&o, &args);
         let want: String = (0..5).map(|i| format!("missed{i}\n")).collect();
@@ -99,12 +142,31 @@ fn persistent_session_gets_what_it_missed() {
 fn sigterm_exits_zero_quickly_and_wills_go_out() {
     let mut o = Outpost::start("");
     let watcher = sub(&o, &["-t", "bye/#", "-C", "1", "-v", "-W", "10"]);
-    let _held = sub(&o, &["-t", "x", "--will-topic", "bye/held", "--will-payload", "shutdown"]);
+    let held = sub(
+        &o,
+        &[
+            "-t",
+            "x",
+            "--will-topic",
+            "bye/held",
+            "--will-payload",
+            "shutdown",
+        ],
+    );
     std::thread::sleep(SETTLE);
     let (status, took) = o.terminate();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", o.log());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        o.log()
+    );
     assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The held client was disconnected by the shutdown too (it reconnects in vain, so stop it).
+    let _ = output(held, Duration::from_millis(100));
     // The watcher was itself disconnected by the shutdown, after the will was routed to it.
-    assert_eq!(output(watcher, Duration::from_secs(5)), "bye/held shutdown\n");
+    assert_eq!(
+        output(watcher, Duration::from_secs(5)),
+        "bye/held shutdown\n"
+    );
     assert!(o.log().contains("stopped"));
 }

@@ -57,7 +57,11 @@ fn drive(mut ev: EventLoop) -> tokio::task::JoinHandle<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos_0_1_2_at_volume() {
     let o = Outpost::start("");
-    for (qos, topic) in [(QoS::AtMostOnce, "rq/0"), (QoS::AtLeastOnce, "rq/1"), (QoS::ExactlyOnce, "rq/2")] {
+    for (qos, topic) in [
+        (QoS::AtMostOnce, "rq/0"),
+        (QoS::AtLeastOnce, "rq/1"),
+        (QoS::ExactlyOnce, "rq/2"),
+    ] {
         let (sub, mut sub_ev) = client(&o, &format!("sub-{topic}"), true);
         sub.subscribe(topic, QoS::ExactlyOnce).await.unwrap();
         assert!(wait_suback(&mut sub_ev).await);
@@ -100,12 +104,18 @@ async fn persistent_session_across_reconnect() {
         sub.subscribe("dur/#", QoS::AtLeastOnce).await.unwrap();
         assert!(wait_suback(&mut ev).await);
         sub.disconnect().await.unwrap();
-        let _ = timeout(Duration::from_secs(2), async { while ev.poll().await.is_ok() {} }).await;
+        let _ = timeout(Duration::from_secs(2), async {
+            while ev.poll().await.is_ok() {}
+        })
+        .await;
     }
     let (publisher, pub_ev) = client(&o, "rq-pub", true);
     let driver = drive(pub_ev);
     for i in 0..50 {
-        publisher.publish("dur/x", QoS::AtLeastOnce, false, format!("{i}")).await.unwrap();
+        publisher
+            .publish("dur/x", QoS::AtLeastOnce, false, format!("{i}"))
+            .await
+            .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     driver.abort();

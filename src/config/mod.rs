@@ -159,9 +159,8 @@ impl Config {
     }
 
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        let at = |needle: &str, msg: String| {
-            invalid(path, text, text.find(needle).unwrap_or(0), msg)
-        };
+        let at =
+            |needle: &str, msg: String| invalid(path, text, text.find(needle).unwrap_or(0), msg);
         let l = &self.limits;
         if l.max_packet_size.0 < 64 || l.max_packet_size.0 > PROTOCOL_MAX_PACKET {
             return Err(at(
@@ -176,17 +175,23 @@ impl Config {
             return Err(at("connect_timeout", "must be more than 0s".into()));
         }
         for (i, a) in self.listeners.iter().enumerate() {
-            if a.bind.port() != 0
-                && self.listeners[..i].iter().any(|b| b.bind == a.bind)
-            {
+            if a.bind.port() != 0 && self.listeners[..i].iter().any(|b| b.bind == a.bind) {
                 let addr = a.bind.to_string();
                 let pos = text.match_indices(&addr).nth(1).map_or(0, |(p, _)| p);
-                return Err(invalid(path, text, pos, format!("{addr} is bound by two listeners")));
+                return Err(invalid(
+                    path,
+                    text,
+                    pos,
+                    format!("{addr} is bound by two listeners"),
+                ));
             }
         }
         if let Some(id) = &self.gateway.id {
             if id.is_empty() || id.contains(['/', '+', '#']) {
-                return Err(at("id", "must be non-empty and free of '/', '+' and '#'".into()));
+                return Err(at(
+                    "id",
+                    "must be non-empty and free of '/', '+' and '#'".into(),
+                ));
             }
         }
         Ok(())
@@ -288,7 +293,10 @@ max_keepalive = "60s"
     #[test]
     fn errors_name_line_column_and_key() {
         let e = err("[gateway]\nid = \"x\"\nfoo = 1\n");
-        assert!(e.starts_with("t.toml:3:1: key `foo`: unknown field `foo`"), "{e}");
+        assert!(
+            e.starts_with("t.toml:3:1: key `foo`: unknown field `foo`"),
+            "{e}"
+        );
         let e = err("[[listener]]\nkind = \"mqtt\"\nbind = \"nonsense\"\n");
         assert!(e.starts_with("t.toml:3:8: key `bind`:"), "{e}");
         let e = err("[limits]\nconnect_timeout = \"10 parsecs\"\n");

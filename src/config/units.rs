@@ -119,10 +119,27 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("5ms"), Some(std::time::Duration::from_millis(5)));
-        assert_eq!(parse_duration("30s"), Some(std::time::Duration::from_secs(30)));
-        assert_eq!(parse_duration("7d"), Some(std::time::Duration::from_secs(604_800)));
-        for bad in ["", "s", "10", "10 parsecs", "-1s", "99999999999999999999d", "1.5s"] {
+        assert_eq!(
+            parse_duration("5ms"),
+            Some(std::time::Duration::from_millis(5))
+        );
+        assert_eq!(
+            parse_duration("30s"),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_duration("7d"),
+            Some(std::time::Duration::from_secs(604_800))
+        );
+        for bad in [
+            "",
+            "s",
+            "10",
+            "10 parsecs",
+            "-1s",
+            "99999999999999999999d",
+            "1.5s",
+        ] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }
@@ -136,6 +153,9 @@ mod tests {
             assert_eq!(parse_size(bad), None, "{bad}");
         }
         assert_eq!(Size(512 << 20).to_string(), "512MiB");
-        assert_eq!(Duration(std::time::Duration::from_millis(5)).to_string(), "5ms");
+        assert_eq!(
+            Duration(std::time::Duration::from_millis(5)).to_string(),
+            "5ms"
+        );
     }
 }

@@ -1,11 +1,11 @@
 //! The one message type every source produces and every destination consumes.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::proto::mqtt::{Properties, QoS};
+use crate::proto::mqtt::{Props, QoS};
 
 /// Where a message came from. Used for No Local and for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +36,7 @@ pub struct Message {
     /// The v5 properties that travel with the message end to end: payload format, content type,
     /// response topic, correlation data and user properties. Per-hop properties (topic alias,
     /// subscription identifiers, expiry) are never stored here.
-    pub properties: Properties,
+    pub properties: Props,
     pub origin: Origin,
     pub received_at: Instant,
     /// From Message Expiry Interval; a message still queued after this is discarded.
@@ -57,4 +57,22 @@ impl Message {
             secs.min(u32::MAX as u64) as u32
         })
     }
+}
+
+/// Splits a PUBLISH's or will's properties into what travels end to end and the instant the
+/// message expires. Per-hop properties (topic alias, will delay, subscription identifiers) are
+/// dropped; the set is only written to when one is present, so an empty set stays unallocated.
+pub fn end_to_end(mut props: Props, now: Instant) -> (Props, Option<Instant>) {
+    let expires_at = props
+        .message_expiry_interval
+        .map(|s| now + Duration::from_secs(s as u64));
+    if props.is_empty() {
+        return (props, None);
+    }
+    let p = &mut *props;
+    p.message_expiry_interval = None;
+    p.topic_alias = None;
+    p.will_delay_interval = None;
+    p.subscription_identifiers.clear();
+    (props, expires_at)
 }

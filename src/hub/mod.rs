@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use crate::proto::mqtt::server::CloseReason;
 use crate::proto::mqtt::{
-    reason, Ack, ConnAck, Connect, Disconnect, Packet, Properties, Publish, QoS, SubAck,
-    Subscribe, UnsubAck, Unsubscribe, Version, Will,
+    reason, Ack, ConnAck, Connect, Disconnect, Packet, Props, Publish, QoS, SubAck, Subscribe,
+    UnsubAck, Unsubscribe, Version, Will,
 };
 use crate::proto::topic;
 use message::{Message, Origin};
@@ -156,7 +156,7 @@ impl Hub {
                 conn,
                 connect,
                 keep_alive,
-            } => self.on_connect(now, conn, connect, keep_alive, out),
+            } => self.on_connect(now, conn, *connect, keep_alive, out),
             HubInput::Packet { conn, packet } => self.on_packet(now, conn, packet, out),
             HubInput::Closed {
                 conn,
@@ -167,7 +167,11 @@ impl Hub {
                 self.on_closed(now, conn, reason, out)
             }
             HubInput::Ready { conn } => {
-                if let Some(s) = self.conns.get(&conn).and_then(|id| self.sessions.get_mut(id)) {
+                if let Some(s) = self
+                    .conns
+                    .get(&conn)
+                    .and_then(|id| self.sessions.get_mut(id))
+                {
                     s.pump(now, &self.cfg, &mut self.stats, out);
                 }
             }
@@ -235,7 +239,7 @@ impl Hub {
         &mut self,
         now: Instant,
         conn: ConnId,
-        c: Box<Connect>,
+        c: Connect,
         keep_alive: u16,
         out: &mut dyn Outlet,
     ) {
@@ -264,7 +268,11 @@ impl Hub {
                 return refuse(out, code);
             }
             self.assigned_ids += 1;
-            let id = format!("outpost-auto-{:x}-{}", std::process::id(), self.assigned_ids);
+            let id = format!(
+                "outpost-auto-{:x}-{}",
+                std::process::id(),
+                self.assigned_ids
+            );
             if v.is_v5() {
                 assigned = Some(id.clone());
             }
@@ -312,7 +320,7 @@ impl Hub {
         s.stalled = false;
         self.conns.insert(conn, id.clone());
 
-        let mut props = Properties::default();
+        let mut props = Props::default();
         if v.is_v5() {
             props.receive_maximum = Some(self.cfg.max_inflight);
             props.maximum_packet_size = Some(self.cfg.max_packet_size);
@@ -400,7 +408,14 @@ impl Hub {
 
     /// Sends a control packet to the session's connection, or drops the client if it has
     /// stopped reading.
-    fn control(&mut self, now: Instant, conn: ConnId, id: &Arc<str>, p: Packet, out: &mut dyn Outlet) {
+    fn control(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        id: &Arc<str>,
+        p: Packet,
+        out: &mut dyn Outlet,
+    ) {
         let Some(s) = self.sessions.get_mut(id) else {
             return;
         };
@@ -410,7 +425,10 @@ impl Hub {
             }
         } else {
             tracing::warn!(client = %id, "client is not reading its acks; disconnecting");
-            let dc = s.version.is_v5().then(|| disconnect(reason::UNSPECIFIED_ERROR));
+            let dc = s
+                .version
+                .is_v5()
+                .then(|| disconnect(reason::UNSPECIFIED_ERROR));
             out.close(conn, dc);
         }
     }
@@ -421,7 +439,14 @@ impl Hub {
         out.close(conn, v5.then(|| disconnect(code)));
     }
 
-    fn on_publish(&mut self, now: Instant, conn: ConnId, id: &Arc<str>, p: Publish, out: &mut dyn Outlet) {
+    fn on_publish(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        id: &Arc<str>,
+        p: Publish,
+        out: &mut dyn Outlet,
+    ) {
         let Some(s) = self.sessions.get(id) else {
             return;
         };
@@ -449,12 +474,7 @@ impl Hub {
             // [MQTT-3.3.2-4] the server MAY check: we do, and refuse it.
             code = reason::PAYLOAD_FORMAT_INVALID;
         } else {
-            let mut props = p.properties;
-            let expires_at = props
-                .message_expiry_interval
-                .take()
-                .map(|s| now + Duration::from_secs(s as u64));
-            props.topic_alias = None;
+            let (props, expires_at) = message::end_to_end(p.properties, now);
             let msg = Arc::new(Message {
                 topic: p.topic,
                 payload: p.payload,
@@ -542,7 +562,14 @@ impl Hub {
         reached
     }
 
-    fn on_subscribe(&mut self, now: Instant, conn: ConnId, id: &Arc<str>, sub: Subscribe, out: &mut dyn Outlet) {
+    fn on_subscribe(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        id: &Arc<str>,
+        sub: Subscribe,
+        out: &mut dyn Outlet,
+    ) {
         let Some(s) = self.sessions.get_mut(id) else {
             return;
         };
@@ -559,7 +586,9 @@ impl Hub {
                 options: *options,
                 id: sub_id,
             };
-            let new = self.subs.insert(parsed.share_group, parsed.filter, id, entry);
+            let new = self
+                .subs
+                .insert(parsed.share_group, parsed.filter, id, entry);
             s.subs.insert(raw.clone(), entry);
             codes.push(options.qos as u8);
             let send_retained = match options.retain_handling {
@@ -589,12 +618,19 @@ impl Hub {
         let ack = Packet::SubAck(SubAck {
             packet_id: sub.packet_id,
             codes,
-            properties: Properties::default(),
+            properties: Props::default(),
         });
         self.control(now, conn, id, ack, out);
     }
 
-    fn on_unsubscribe(&mut self, now: Instant, conn: ConnId, id: &Arc<str>, u: Unsubscribe, out: &mut dyn Outlet) {
+    fn on_unsubscribe(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        id: &Arc<str>,
+        u: Unsubscribe,
+        out: &mut dyn Outlet,
+    ) {
         let Some(s) = self.sessions.get_mut(id) else {
             return;
         };
@@ -616,7 +652,7 @@ impl Hub {
         let ack = Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             codes,
-            properties: Properties::default(),
+            properties: Props::default(),
         });
         self.control(now, conn, id, ack, out);
     }
@@ -688,12 +724,7 @@ impl Hub {
     }
 
     fn publish_will(&mut self, now: Instant, id: &Arc<str>, w: Will, out: &mut dyn Outlet) {
-        let mut props = w.properties;
-        props.will_delay_interval = None;
-        let expires_at = props
-            .message_expiry_interval
-            .take()
-            .map(|s| now + Duration::from_secs(s as u64));
+        let (props, expires_at) = message::end_to_end(w.properties, now);
         tracing::debug!(client = %id, topic = %w.topic, "publishing will");
         let msg = Arc::new(Message {
             topic: w.topic,
@@ -718,13 +749,13 @@ fn ack(packet_id: u16, code: u8, v: Version) -> Ack {
         packet_id,
         // 3.x acks carry no reason code.
         reason: if v.is_v5() { code } else { 0 },
-        properties: Properties::default(),
+        properties: Props::default(),
     }
 }
 
 fn disconnect(code: u8) -> Packet {
     Packet::Disconnect(Disconnect {
         reason: code,
-        properties: Properties::default(),
+        properties: Props::default(),
     })
 }

@@ -138,7 +138,9 @@ mod tests {
             idx.set(msg(t));
         }
         assert_eq!(idx.len(), topics.len());
-        for f in ["#", "+", "a/#", "a/+", "+/+", "$SYS/#", "+/x", "a/b", "nope/#", "a/+/c"] {
+        for f in [
+            "#", "+", "a/#", "a/+", "+/+", "$SYS/#", "+/x", "a/b", "nope/#", "a/+/c",
+        ] {
             let mut out = Vec::new();
             idx.matching(f, &mut out);
             let mut got: Vec<String> = out.iter().map(|m| m.topic.clone()).collect();

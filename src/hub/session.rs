@@ -155,8 +155,13 @@ impl Session {
             Default::default()
         };
         if self.version.is_v5() {
-            props.subscription_identifiers = item.sub_ids.clone();
-            props.message_expiry_interval = item.msg.remaining_expiry(now);
+            // Written only when set, so a message without properties stays unallocated.
+            if !item.sub_ids.is_empty() {
+                props.subscription_identifiers = item.sub_ids.clone();
+            }
+            if let Some(left) = item.msg.remaining_expiry(now) {
+                props.message_expiry_interval = Some(left);
+            }
         }
         Publish {
             dup,

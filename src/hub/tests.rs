@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::*;
-use crate::proto::mqtt::{SubOptions, Will};
+use crate::proto::mqtt::{Properties, SubOptions, Will};
 
 #[derive(Default)]
 struct FakeOutlet {
@@ -71,7 +71,7 @@ fn connect(v: Version, id: &str, clean: bool) -> Connect {
         will: None,
         username: None,
         password: None,
-        properties: Properties::default(),
+        properties: Props::default(),
     }
 }
 
@@ -121,7 +121,7 @@ impl T {
             Packet::Subscribe(Subscribe {
                 packet_id: 1,
                 filters: vec![(filter.into(), o)],
-                properties,
+                properties: properties.into(),
             }),
         );
         match self.out.sent.get_mut(&conn).map(|v| v.remove(0)) {
@@ -192,7 +192,11 @@ fn qos_is_downgraded_and_overlaps_give_one_copy_at_highest_qos() {
     t.publish(2, msg("a/b", "x", QoS::AtLeastOnce, 1));
     let got = t.out.publishes(1);
     assert_eq!(got.len(), 1, "one copy for overlapping subscriptions");
-    assert_eq!(got[0].qos, QoS::AtLeastOnce, "min(published, highest granted)");
+    assert_eq!(
+        got[0].qos,
+        QoS::AtLeastOnce,
+        "min(published, highest granted)"
+    );
     let mut ids = got[0].properties.subscription_identifiers.clone();
     ids.sort();
     assert_eq!(ids, vec![1, 2]);
@@ -255,7 +259,7 @@ fn will_on_abnormal_close_not_on_disconnect() {
             payload: Bytes::from_static(b"gone"),
             qos: QoS::AtLeastOnce,
             retain: false,
-            properties: Properties::default(),
+            properties: Props::default(),
         });
         t.connect_with(conn, c);
         t.close(conn, reason.clone());
@@ -279,7 +283,8 @@ fn will_delay_cancelled_by_reconnect_and_fired_after_delay() {
             properties: Properties {
                 will_delay_interval: Some(5),
                 ..Properties::default()
-            },
+            }
+            .into(),
         });
         c
     };
@@ -290,7 +295,10 @@ fn will_delay_cancelled_by_reconnect_and_fired_after_delay() {
     let ack = t.connect_with(3, mk());
     assert!(ack.session_present);
     t.advance(Duration::from_secs(10));
-    assert!(t.out.publishes(1).is_empty(), "reconnect cancels the delayed will");
+    assert!(
+        t.out.publishes(1).is_empty(),
+        "reconnect cancels the delayed will"
+    );
     t.close(3, LOST);
     t.advance(Duration::from_secs(4));
     assert!(t.out.publishes(1).is_empty());
@@ -309,7 +317,7 @@ fn disconnect_with_will_publishes_it() {
         payload: Bytes::from_static(b"x"),
         qos: QoS::AtMostOnce,
         retain: false,
-        properties: Properties::default(),
+        properties: Props::default(),
     });
     t.connect_with(2, c);
     t.close(
@@ -331,10 +339,13 @@ fn takeover_closes_old_connection_with_0x8e() {
         t.out.closed.get(&1),
         Some(&Some(Packet::Disconnect(Disconnect {
             reason: reason::SESSION_TAKEN_OVER,
-            properties: Properties::default()
+            properties: Props::default()
         })))
     );
-    assert!(!ack.session_present, "v5 with session expiry 0 did not keep the session");
+    assert!(
+        !ack.session_present,
+        "v5 with session expiry 0 did not keep the session"
+    );
     // The old connection's late Closed must not detach the new one.
     t.close(1, LOST);
     assert_eq!(t.hub.connected(), 1);
@@ -454,8 +465,16 @@ fn qos2_duplicate_is_not_delivered_twice() {
     t.publish(2, again);
     assert_eq!(t.out.publishes(1).len(), 1);
     let acks = t.out.take(2);
-    assert!(acks.iter().all(|p| matches!(p, Packet::PubRec(a) if a.packet_id == 5)));
-    t.packet(2, Packet::PubRel(Ack { packet_id: 5, ..Ack::default() }));
+    assert!(acks
+        .iter()
+        .all(|p| matches!(p, Packet::PubRec(a) if a.packet_id == 5)));
+    t.packet(
+        2,
+        Packet::PubRel(Ack {
+            packet_id: 5,
+            ..Ack::default()
+        }),
+    );
     assert_eq!(
         t.out.take(2),
         vec![Packet::PubComp(Ack {
@@ -478,7 +497,7 @@ fn receive_maximum_exceeded_disconnects_with_0x93() {
         t.out.closed.get(&1),
         Some(&Some(Packet::Disconnect(Disconnect {
             reason: reason::RECEIVE_MAXIMUM_EXCEEDED,
-            properties: Properties::default()
+            properties: Props::default()
         })))
     );
 }
@@ -554,7 +573,7 @@ fn shutdown_publishes_wills_and_closes_everyone() {
         payload: Bytes::from_static(b"x"),
         qos: QoS::AtMostOnce,
         retain: false,
-        properties: Properties::default(),
+        properties: Props::default(),
     });
     t.connect_with(2, c);
     t.hub.shutdown(t.now, &mut t.out);
@@ -564,8 +583,12 @@ fn shutdown_publishes_wills_and_closes_everyone() {
         t.out.closed.get(&1),
         Some(&Some(Packet::Disconnect(Disconnect {
             reason: reason::SERVER_SHUTTING_DOWN,
-            properties: Properties::default()
+            properties: Props::default()
         })))
     );
-    assert_eq!(t.out.closed.get(&2), Some(&None), "3.1.1 has no DISCONNECT from the server");
+    assert_eq!(
+        t.out.closed.get(&2),
+        Some(&None),
+        "3.1.1 has no DISCONNECT from the server"
+    );
 }

@@ -62,7 +62,13 @@ impl SubscriptionTree {
     }
 
     /// Adds or replaces a subscription. Returns true when it did not exist before.
-    pub fn insert(&mut self, group: Option<&str>, filter: &str, client: &Arc<str>, sub: Sub) -> bool {
+    pub fn insert(
+        &mut self,
+        group: Option<&str>,
+        filter: &str,
+        client: &Arc<str>,
+        sub: Sub,
+    ) -> bool {
         let mut node = &mut self.root;
         for level in filter.split('/') {
             node = node.children.entry(level.to_owned()).or_default();
@@ -217,7 +223,9 @@ mod tests {
         let filters = [
             "a/b", "a/+", "a/#", "#", "+/+", "+", "/+", "$SYS/#", "+/b", "a/b/c", "$SYS/+", "+/#",
         ];
-        let topics = ["a/b", "a", "a/b/c", "/x", "x", "$SYS/x", "$SYS", "b/b", "a/"];
+        let topics = [
+            "a/b", "a", "a/b/c", "/x", "x", "$SYS/x", "$SYS", "b/b", "a/",
+        ];
         let mut t = SubscriptionTree::default();
         for f in filters {
             let c: Arc<str> = Arc::from(f);

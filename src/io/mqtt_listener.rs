@@ -31,7 +31,11 @@ pub struct ListenerShared {
 }
 
 /// Accepts connections until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, shared: Arc<ListenerShared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<ListenerShared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -66,7 +70,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<ListenerShared>, mut shutd
     }
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, conn: ConnId, shared: Arc<ListenerShared>) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn: ConnId,
+    shared: Arc<ListenerShared>,
+) {
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(LINK_QUEUE);
     let state = Arc::new(LinkState::default());
@@ -131,7 +140,10 @@ async fn read_loop(
         }
         while let Some(ev) = machine.poll_event() {
             match ev {
-                InEvent::Connect { connect, keep_alive } => {
+                InEvent::Connect {
+                    connect,
+                    keep_alive,
+                } => {
                     let alias_max = connect.properties.topic_alias_maximum.unwrap_or(0);
                     let configure = LinkItem::Configure {
                         version: connect.version,

@@ -128,19 +128,29 @@ mod tests {
         assert_eq!(validate_name("a/+"), Err(TopicError::WildcardInName));
         assert_eq!(validate_name("a/#"), Err(TopicError::WildcardInName));
         assert_eq!(validate_name("a\0b"), Err(TopicError::NullCharacter));
-        assert_eq!(
-            validate_name(&"x".repeat(65536)),
-            Err(TopicError::TooLong)
-        );
+        assert_eq!(validate_name(&"x".repeat(65536)), Err(TopicError::TooLong));
     }
 
     #[test]
     fn filters() {
-        for ok in ["#", "+", "a/#", "+/+", "/+", "a/+/c", "sport/tennis/#", "$SYS/#"] {
+        for ok in [
+            "#",
+            "+",
+            "a/#",
+            "+/+",
+            "/+",
+            "a/+/c",
+            "sport/tennis/#",
+            "$SYS/#",
+        ] {
             assert_eq!(validate_filter(ok), Ok(()), "{ok}");
         }
         for bad in ["a#", "a/#/b", "a+", "a/b+/c", "#/a", "++"] {
-            assert_eq!(validate_filter(bad), Err(TopicError::MisplacedWildcard), "{bad}");
+            assert_eq!(
+                validate_filter(bad),
+                Err(TopicError::MisplacedWildcard),
+                "{bad}"
+            );
         }
         assert_eq!(validate_filter(""), Err(TopicError::Empty));
     }
@@ -150,7 +160,13 @@ mod tests {
         let s = parse_subscription("$share/g1/a/+").unwrap();
         assert_eq!(s.share_group, Some("g1"));
         assert_eq!(s.filter, "a/+");
-        for bad in ["$share/", "$share/g", "$share//a", "$share/g+/a", "$share/g/"] {
+        for bad in [
+            "$share/",
+            "$share/g",
+            "$share//a",
+            "$share/g+/a",
+            "$share/g/",
+        ] {
             assert!(parse_subscription(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_subscription("$shared/x").unwrap().share_group, None);

@@ -42,7 +42,11 @@ impl Outpost {
         let watchdog = env.iter().any(|(k, _)| *k == "WATCHDOG_USEC");
         let mut cmd = if watchdog {
             let mut c = Command::new("sh");
-            c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_outpost")]);
+            c.args([
+                "-c",
+                "WATCHDOG_PID=$$ exec \"$0\" \"$@\"",
+                env!("CARGO_BIN_EXE_outpost"),
+            ]);
             c
         } else {
             Command::new(env!("CARGO_BIN_EXE_outpost"))
@@ -63,7 +67,10 @@ impl Outpost {
         std::thread::spawn(move || {
             // Keep draining stderr so the child never blocks on a full pipe.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening for MQTT 3.1, 3.1.1 and 5.0 on 127.0.0.1:").nth(1) {
+                if let Some(rest) = line
+                    .split("listening for MQTT 3.1, 3.1.1 and 5.0 on 127.0.0.1:")
+                    .nth(1)
+                {
                     let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
                     let _ = tx.send(port.parse::<u16>().unwrap_or(0));
                 }
@@ -113,7 +120,10 @@ impl Drop for Outpost {
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
@@ -231,7 +241,9 @@ pub fn read_until_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
         match s.read(&mut buf) {
             Ok(0) => return (all, true),
             Ok(n) => all.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => return (all, true),
         }
     }

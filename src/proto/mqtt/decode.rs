@@ -90,12 +90,16 @@ pub fn read_varint(buf: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
         if b & 0x80 == 0 {
             // [MQTT-1.5.5-1] the minimum number of bytes: a trailing zero byte is not minimal.
             if i > 0 && b == 0 {
-                return Err(DecodeError::Malformed("variable byte integer not minimally encoded"));
+                return Err(DecodeError::Malformed(
+                    "variable byte integer not minimally encoded",
+                ));
             }
             return Ok(Some((value, i + 1)));
         }
     }
-    Err(DecodeError::Malformed("variable byte integer longer than 4 bytes"))
+    Err(DecodeError::Malformed(
+        "variable byte integer longer than 4 bytes",
+    ))
 }
 
 /// A cursor over one packet's body; every read past the end is a malformed packet, since the
@@ -167,7 +171,9 @@ impl<'a> Reader<'a> {
     }
     fn finish(&self) -> Result<(), DecodeError> {
         if self.remaining() != 0 {
-            return Err(DecodeError::Malformed("trailing bytes after the packet's fields"));
+            return Err(DecodeError::Malformed(
+                "trailing bytes after the packet's fields",
+            ));
         }
         Ok(())
     }
@@ -209,7 +215,7 @@ fn allowed_in(id: u8) -> Option<u16> {
     })
 }
 
-fn decode_properties(r: &mut Reader<'_>, context: u16) -> Result<Properties, DecodeError> {
+fn decode_properties(r: &mut Reader<'_>, context: u16) -> Result<Props, DecodeError> {
     let len = r.varint()? as usize;
     let mut p = Reader::new(r.take(len)?);
     let mut props = Properties::default();
@@ -219,7 +225,9 @@ fn decode_properties(r: &mut Reader<'_>, context: u16) -> Result<Properties, Dec
         let id = u8::try_from(id).map_err(|_| DecodeError::Malformed("unknown property"))?;
         let allowed = allowed_in(id).ok_or(DecodeError::Malformed("unknown property"))?;
         if allowed & context == 0 {
-            return Err(DecodeError::Malformed("property not allowed in this packet"));
+            return Err(DecodeError::Malformed(
+                "property not allowed in this packet",
+            ));
         }
         // User properties may repeat, and so may subscription identifiers in PUBLISH.
         let repeatable = id == 0x26 || (id == 0x0B && context == PUBLISH);
@@ -233,8 +241,9 @@ fn decode_properties(r: &mut Reader<'_>, context: u16) -> Result<Properties, Dec
             0x03 => props.content_type = Some(p.string()?),
             0x08 => {
                 let t = p.string()?;
-                topic::validate_name(&t)
-                    .map_err(|_| DecodeError::Protocol("response topic is not a valid topic name"))?;
+                topic::validate_name(&t).map_err(|_| {
+                    DecodeError::Protocol("response topic is not a valid topic name")
+                })?;
                 props.response_topic = Some(t)
             }
             0x09 => props.correlation_data = Some(Bytes::copy_from_slice(p.binary()?)),
@@ -285,7 +294,7 @@ fn decode_properties(r: &mut Reader<'_>, context: u16) -> Result<Properties, Dec
             _ => return Err(DecodeError::Malformed("unknown property")),
         }
     }
-    Ok(props)
+    Ok(props.into())
 }
 
 /// Every byte-valued property the spec defines is 0 or 1.
@@ -318,7 +327,9 @@ fn decode_connect(body: &[u8]) -> Result<Connect, DecodeError> {
     let password_flag = flags & 0x40 != 0;
     let username_flag = flags & 0x80 != 0;
     if !will_flag && (will_qos != 0 || will_retain) {
-        return Err(DecodeError::Malformed("will QoS or retain set without the will flag"));
+        return Err(DecodeError::Malformed(
+            "will QoS or retain set without the will flag",
+        ));
     }
     let will_qos = QoS::from_bits(will_qos).ok_or(DecodeError::Malformed("will QoS 3"))?;
     if version != Version::V5 && password_flag && !username_flag {
@@ -328,14 +339,14 @@ fn decode_connect(body: &[u8]) -> Result<Connect, DecodeError> {
     let properties = if version.is_v5() {
         decode_properties(&mut r, CONNECT)?
     } else {
-        Properties::default()
+        Props::default()
     };
     let client_id = r.string()?;
     let will = if will_flag {
         let wprops = if version.is_v5() {
             decode_properties(&mut r, WILL)?
         } else {
-            Properties::default()
+            Props::default()
         };
         let topic = r.string()?;
         topic::validate_name(&topic).map_err(|_| DecodeError::TopicNameInvalid)?;
@@ -387,7 +398,7 @@ fn decode_body(ptype: u8, flags: u8, body: &[u8], v: Version) -> Result<Packet, 
                 check_reason(code, CONNACK_CODES)?;
                 decode_properties(&mut r, CONNACK)?
             } else {
-                Properties::default()
+                Props::default()
             };
             Packet::ConnAck(ConnAck {
                 session_present: ack_flags & 1 != 0,
@@ -446,7 +457,7 @@ fn decode_body(ptype: u8, flags: u8, body: &[u8], v: Version) -> Result<Packet, 
                 }
                 (p, codes)
             } else {
-                (Properties::default(), Vec::new())
+                (Props::default(), Vec::new())
             };
             Packet::UnsubAck(UnsubAck {
                 packet_id,
@@ -484,11 +495,11 @@ fn decode_body(ptype: u8, flags: u8, body: &[u8], v: Version) -> Result<Packet, 
     Ok(packet)
 }
 
-fn props_if_v5(r: &mut Reader<'_>, v: Version, ctx: u16) -> Result<Properties, DecodeError> {
+fn props_if_v5(r: &mut Reader<'_>, v: Version, ctx: u16) -> Result<Props, DecodeError> {
     if v.is_v5() {
         decode_properties(r, ctx)
     } else {
-        Ok(Properties::default())
+        Ok(Props::default())
     }
 }
 
@@ -546,9 +557,12 @@ fn decode_subscribe(r: &mut Reader<'_>, v: Version) -> Result<Subscribe, DecodeE
         let opts = r.u8()?;
         let reserved = if v.is_v5() { 0xC0 } else { 0xFC };
         if opts & reserved != 0 {
-            return Err(DecodeError::Malformed("subscription options reserved bits set"));
+            return Err(DecodeError::Malformed(
+                "subscription options reserved bits set",
+            ));
         }
-        let qos = QoS::from_bits(opts & 0x03).ok_or(DecodeError::Malformed("subscription QoS 3"))?;
+        let qos =
+            QoS::from_bits(opts & 0x03).ok_or(DecodeError::Malformed("subscription QoS 3"))?;
         let o = SubOptions {
             qos,
             no_local: opts & 0x04 != 0,
@@ -558,8 +572,7 @@ fn decode_subscribe(r: &mut Reader<'_>, v: Version) -> Result<Subscribe, DecodeE
         if o.retain_handling == 3 {
             return Err(DecodeError::Protocol("retain handling 3"));
         }
-        let parsed =
-            topic::parse_subscription(&f).map_err(|_| DecodeError::TopicFilterInvalid)?;
+        let parsed = topic::parse_subscription(&f).map_err(|_| DecodeError::TopicFilterInvalid)?;
         if parsed.share_group.is_some() && o.no_local {
             return Err(DecodeError::Protocol("no local on a shared subscription"));
         }
@@ -595,6 +608,8 @@ fn check_reason(code: u8, valid: &[u8]) -> Result<(), DecodeError> {
     if valid.contains(&code) {
         Ok(())
     } else {
-        Err(DecodeError::Malformed("reason code not valid for this packet"))
+        Err(DecodeError::Malformed(
+            "reason code not valid for this packet",
+        ))
     }
 }

@@ -89,7 +89,85 @@ pub struct Properties {
 impl Properties {
     /// True when no property is set.
     pub fn is_empty(&self) -> bool {
-        *self == Properties::default()
+        *self == EMPTY
+    }
+}
+
+static EMPTY: Properties = Properties {
+    payload_format_indicator: None,
+    message_expiry_interval: None,
+    content_type: None,
+    response_topic: None,
+    correlation_data: None,
+    subscription_identifiers: Vec::new(),
+    session_expiry_interval: None,
+    assigned_client_identifier: None,
+    server_keep_alive: None,
+    authentication_method: None,
+    authentication_data: None,
+    request_problem_information: None,
+    will_delay_interval: None,
+    request_response_information: None,
+    response_information: None,
+    server_reference: None,
+    reason_string: None,
+    receive_maximum: None,
+    topic_alias_maximum: None,
+    topic_alias: None,
+    maximum_qos: None,
+    retain_available: None,
+    user_properties: Vec::new(),
+    maximum_packet_size: None,
+    wildcard_subscription_available: None,
+    subscription_identifier_available: None,
+    shared_subscription_available: None,
+};
+
+/// A packet's properties, stored out of line.
+///
+/// Most packets carry none, so an empty set costs one null pointer and a packet stays small
+/// as it moves through channels and queues. Reads see an empty set; the first write allocates.
+#[derive(Clone, Default)]
+pub struct Props(Option<Box<Properties>>);
+
+impl std::ops::Deref for Props {
+    type Target = Properties;
+    fn deref(&self) -> &Properties {
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl std::ops::DerefMut for Props {
+    fn deref_mut(&mut self) -> &mut Properties {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl From<Properties> for Props {
+    fn from(p: Properties) -> Self {
+        if p.is_empty() {
+            Props(None)
+        } else {
+            Props(Some(Box::new(p)))
+        }
+    }
+}
+
+impl PartialEq for Props {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Props {}
+
+impl std::fmt::Debug for Props {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            f.write_str("{}")
+        } else {
+            (**self).fmt(f)
+        }
     }
 }
 
@@ -100,7 +178,7 @@ pub struct Will {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// CONNECT.
@@ -114,7 +192,7 @@ pub struct Connect {
     pub username: Option<String>,
     /// Binary: MQTT allows any bytes in a password.
     pub password: Option<Bytes>,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// CONNACK.
@@ -123,7 +201,7 @@ pub struct ConnAck {
     pub session_present: bool,
     /// The v5 reason code, or the 3.1.1 return code (0..=5).
     pub code: u8,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// PUBLISH.
@@ -137,7 +215,7 @@ pub struct Publish {
     /// Zero for QoS 0 (no packet id on the wire).
     pub packet_id: u16,
     pub payload: Bytes,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// PUBACK, PUBREC, PUBREL and PUBCOMP share one shape.
@@ -145,7 +223,7 @@ pub struct Publish {
 pub struct Ack {
     pub packet_id: u16,
     pub reason: u8,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// The options byte of one SUBSCRIBE entry.
@@ -163,7 +241,7 @@ pub struct SubOptions {
 pub struct Subscribe {
     pub packet_id: u16,
     pub filters: Vec<(String, SubOptions)>,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// SUBACK: one reason code per requested filter.
@@ -171,7 +249,7 @@ pub struct Subscribe {
 pub struct SubAck {
     pub packet_id: u16,
     pub codes: Vec<u8>,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// UNSUBSCRIBE.
@@ -179,7 +257,7 @@ pub struct SubAck {
 pub struct Unsubscribe {
     pub packet_id: u16,
     pub filters: Vec<String>,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// UNSUBACK: v5 carries one reason code per filter; 3.x carries none.
@@ -187,21 +265,21 @@ pub struct Unsubscribe {
 pub struct UnsubAck {
     pub packet_id: u16,
     pub codes: Vec<u8>,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// DISCONNECT (v5 adds a reason code and properties).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Disconnect {
     pub reason: u8,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// AUTH (v5 only).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Auth {
     pub reason: u8,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// One MQTT control packet.

@@ -158,7 +158,11 @@ impl Inbound {
         self.buf.extend_from_slice(data);
         let mut consumed = 0;
         while !self.closed {
-            match decode(&self.buf[consumed..], self.version, self.limits.max_packet_size) {
+            match decode(
+                &self.buf[consumed..],
+                self.version,
+                self.limits.max_packet_size,
+            ) {
                 Ok(Some((packet, n))) => {
                     consumed += n;
                     // Packet first: CONNECT is what sets the keep-alive that touch() arms.
@@ -224,7 +228,7 @@ impl Inbound {
         (self.version == Some(Version::V5)).then(|| {
             Packet::Disconnect(Disconnect {
                 reason: code,
-                properties: Properties::default(),
+                properties: Props::default(),
             })
         })
     }
@@ -321,7 +325,10 @@ impl Inbound {
             Packet::Auth(_) => {
                 // We accept no authentication method at CONNECT, so re-authentication is never
                 // valid ([MQTT-4.12.0-1]).
-                self.violation(reason::PROTOCOL_ERROR, "AUTH without an authentication method")
+                self.violation(
+                    reason::PROTOCOL_ERROR,
+                    "AUTH without an authentication method",
+                )
             }
             other @ (Packet::ConnAck(_)
             | Packet::SubAck(_)
@@ -341,16 +348,15 @@ impl Inbound {
                 "PUBLISH from a client carries a subscription identifier",
             );
         }
-        if let Some(alias) = p.properties.topic_alias.take() {
+        if let Some(alias) = p.properties.topic_alias {
+            p.properties.topic_alias = None;
             if alias == 0 || alias > self.limits.topic_alias_maximum {
                 return self.violation(reason::TOPIC_ALIAS_INVALID, "topic alias out of range");
             }
             if p.topic.is_empty() {
                 match self.aliases.get(&alias) {
                     Some(t) => p.topic = t.clone(),
-                    None => {
-                        return self.violation(reason::PROTOCOL_ERROR, "unknown topic alias")
-                    }
+                    None => return self.violation(reason::PROTOCOL_ERROR, "unknown topic alias"),
                 }
             } else {
                 self.aliases.insert(alias, p.topic.clone());
@@ -413,17 +419,29 @@ mod tests {
 
     fn connect_bytes(level: u8, keep_alive: u16) -> Vec<u8> {
         let c = Packet::Connect(Box::new(Connect {
-            version: if level == 5 { Version::V5 } else { Version::V311 },
+            version: if level == 5 {
+                Version::V5
+            } else {
+                Version::V311
+            },
             clean_start: true,
             keep_alive,
             client_id: "k".into(),
             will: None,
             username: None,
             password: None,
-            properties: Properties::default(),
+            properties: Props::default(),
         }));
         let mut out = Vec::new();
-        encode(&c, if level == 5 { Version::V5 } else { Version::V311 }, &mut out);
+        encode(
+            &c,
+            if level == 5 {
+                Version::V5
+            } else {
+                Version::V311
+            },
+            &mut out,
+        );
         out
     }
 
@@ -436,7 +454,10 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Inbound::new(t0, ServerLimits::default());
         m.handle_bytes(t0, &connect_bytes(5, 10));
-        assert!(matches!(events(&mut m)[..], [InEvent::Connect { keep_alive: 10, .. }]));
+        assert!(matches!(
+            events(&mut m)[..],
+            [InEvent::Connect { keep_alive: 10, .. }]
+        ));
         assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(15)));
         m.handle_timeout(t0 + Duration::from_secs(14));
         assert!(events(&mut m).is_empty());
@@ -449,7 +470,9 @@ mod tests {
         match &events(&mut m)[..] {
             [InEvent::Close { reason, disconnect }] => {
                 assert_eq!(*reason, CloseReason::KeepAliveTimeout);
-                assert!(matches!(disconnect, Some(Packet::Disconnect(d)) if d.reason == reason::KEEP_ALIVE_TIMEOUT));
+                assert!(
+                    matches!(disconnect, Some(Packet::Disconnect(d)) if d.reason == reason::KEEP_ALIVE_TIMEOUT)
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -466,7 +489,9 @@ mod tests {
             let mut m = Inbound::new(t0, limits.clone());
             m.handle_bytes(t0, &connect_bytes(level, asked));
             match &events(&mut m)[..] {
-                [InEvent::Connect { keep_alive, .. }] => assert_eq!(*keep_alive, want, "{level} {asked}"),
+                [InEvent::Connect { keep_alive, .. }] => {
+                    assert_eq!(*keep_alive, want, "{level} {asked}")
+                }
                 other => panic!("{other:?}"),
             }
         }
@@ -486,7 +511,10 @@ mod tests {
         silent.handle_timeout(t0 + Duration::from_secs(10));
         assert!(matches!(
             events(&mut silent)[..],
-            [InEvent::Close { reason: CloseReason::ConnectTimeout, disconnect: None }]
+            [InEvent::Close {
+                reason: CloseReason::ConnectTimeout,
+                disconnect: None
+            }]
         ));
     }
 
@@ -503,7 +531,8 @@ mod tests {
                 properties: Properties {
                     topic_alias: Some(alias),
                     ..Properties::default()
-                },
+                }
+                .into(),
                 ..Publish::default()
             });
             let mut out = Vec::new();
@@ -539,7 +568,9 @@ mod tests {
                 &mut out,
             );
             match decode(&out, Some(Version::V5), u32::MAX) {
-                Ok(Some((Packet::Publish(p), _))) => encoded.push((p.topic, p.properties.topic_alias)),
+                Ok(Some((Packet::Publish(p), _))) => {
+                    encoded.push((p.topic, p.properties.topic_alias))
+                }
                 other => panic!("{other:?}"),
             }
         }
