@@ -1090,5 +1090,9 @@ proptest! {
 #[test]
 fn packets_stay_small() {
     assert!(std::mem::size_of::<Props>() == std::mem::size_of::<usize>());
-    assert!(std::mem::size_of::<Packet>() <= 96, "{}", std::mem::size_of::<Packet>());
+    assert!(
+        std::mem::size_of::<Packet>() <= 96,
+        "{}",
+        std::mem::size_of::<Packet>()
+    );
 }
