@@ -27,7 +27,10 @@ fn args() -> Args {
         match v[i].as_str() {
             "--runs" => a.runs = v.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(a.runs),
             "--messages" => {
-                a.messages = v.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(a.messages)
+                a.messages = v
+                    .get(i + 1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(a.messages)
             }
             _ => {
                 i += 1;
@@ -112,10 +115,14 @@ fn mosquitto() -> Broker {
         ),
     )
     .expect("config");
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("mosquitto not installed: run tests/run or apt-get install mosquitto");
+    let bin = [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("mosquitto not installed: run tests/run or apt-get install mosquitto");
     let child = Command::new(bin)
         .arg("-c")
         .arg(&cfg)
@@ -153,7 +160,11 @@ async fn one_to_one(port: u16, qos: QoS, n: usize, run: usize) -> f64 {
     let start = Instant::now();
     let sender = tokio::spawn(async move {
         for _ in 0..n {
-            if publisher.publish(topic.as_str(), qos, false, payload.clone()).await.is_err() {
+            if publisher
+                .publish(topic.as_str(), qos, false, payload.clone())
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -195,7 +206,10 @@ fn main() {
         "1 publisher -> 1 subscriber, 64-byte payloads, {} messages, median of {} runs",
         a.messages, a.runs
     );
-    println!("{:<22} {:>14} {:>14} {:>8}", "scenario", "outpost msg/s", "mosquitto msg/s", "ratio");
+    println!(
+        "{:<22} {:>14} {:>14} {:>8}",
+        "scenario", "outpost msg/s", "mosquitto msg/s", "ratio"
+    );
     for (label, qos) in [("QoS 0", QoS::AtMostOnce), ("QoS 1", QoS::AtLeastOnce)] {
         let mut results = Vec::new();
         for make in [outpost as fn() -> Broker, mosquitto] {
@@ -204,7 +218,11 @@ fn main() {
             for run in 0..a.runs {
                 rates.push(rt.block_on(one_to_one(b.port, qos, a.messages, run)));
             }
-            eprintln!("  {} {label}: {:?}", b.name, rates.iter().map(|r| *r as u64).collect::<Vec<_>>());
+            eprintln!(
+                "  {} {label}: {:?}",
+                b.name,
+                rates.iter().map(|r| *r as u64).collect::<Vec<_>>()
+            );
             results.push(median(rates));
         }
         println!(

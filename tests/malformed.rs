@@ -356,3 +356,42 @@ fn keepalive_expires_at_one_and_a_half_times() {
         Some((0xE0, Some(0x8D)))
     );
 }
+
+/// A client that floods past Receive Maximum, with more of its packets still unread by us when
+/// we close: it must still read our DISCONNECT 0x93. Closing a socket with unread input makes
+/// the kernel send RST, which can destroy the DISCONNECT in flight; outpost shuts down its write
+/// side and drains input first. Found by the Paho v5 suite's flow_control2 test.
+#[test]
+fn disconnect_survives_unread_input() {
+    let o = Outpost::start("");
+    let mut sock = o.connect_raw();
+    let mut burst = connect(5, "flooder");
+    for pid in 1..=101u16 {
+        let mut body = s("flood");
+        body.extend(pid.to_be_bytes());
+        body.push(0);
+        burst.extend(frame(0x34, &body));
+    }
+    write(&mut sock, &burst);
+    // The client goes on writing after outpost has decided to close, as a client does that
+    // answers each PUBREC with a PUBREL before it reads the DISCONNECT.
+    std::thread::sleep(Duration::from_millis(300));
+    // Without the drain, the first of these is answered with RST and the second fails with
+    // EPIPE: a client library then tears down before it reads the DISCONNECT.
+    for pid in 1..=3u16 {
+        let rel = frame(0x62, &pid.to_be_bytes());
+        if let Err(e) = std::io::Write::write_all(&mut sock, &rel) {
+            panic!("PUBREL {pid} after the close failed: {e}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (bytes, closed) = read_until_close(&mut sock, Duration::from_secs(5));
+    assert!(closed);
+    let p = packets(&bytes);
+    assert_eq!(
+        p.last().map(|(f, b)| (*f, b.first().copied())),
+        Some((0xE0, Some(0x93))),
+        "last packets: {:?}",
+        &p[p.len().saturating_sub(3)..]
+    );
+}

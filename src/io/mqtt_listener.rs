@@ -22,6 +22,11 @@ use crate::hub::{ConnId, HubInput};
 use crate::proto::mqtt::server::{CloseReason, InEvent, Inbound, Outbound, ServerLimits};
 use crate::proto::mqtt::{ConnAck, Packet, Version};
 
+/// How long a closed connection keeps draining input before the socket is dropped.
+const LINGER: Duration = Duration::from_secs(1);
+/// How much input a closed connection drains at most.
+const LINGER_BYTES: usize = 1 << 20;
+
 /// What every connection of every MQTT listener shares.
 pub struct ListenerShared {
     pub hub: mpsc::Sender<HubMsg>,
@@ -76,7 +81,7 @@ async fn connection(
     conn: ConnId,
     shared: Arc<ListenerShared>,
 ) {
-    let (rd, wr) = stream.into_split();
+    let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(LINK_QUEUE);
     let state = Arc::new(LinkState::default());
     let link = Link {
@@ -84,9 +89,9 @@ async fn connection(
         state: state.clone(),
     };
     let attached = std::sync::atomic::AtomicBool::new(false);
-    let reader = read_loop(rd, peer, conn, &shared, link, &attached);
+    let mut reader = Box::pin(read_loop(&mut rd, peer, conn, &shared, link, &attached));
     let writer = write_loop(wr, rx, state, conn, &shared.hub);
-    tokio::pin!(reader, writer);
+    tokio::pin!(writer);
     let closed = tokio::select! {
         r = &mut reader => Some(r),
         _ = &mut writer => None,
@@ -117,10 +122,46 @@ async fn connection(
         }
         None => {}
     }
+    drop(reader);
+    linger(&mut rd).await;
+}
+
+/// Encodes one link item. Returns false once nothing more may be written: after a DISCONNECT
+/// ([MQTT-3.14.4-1]: it is the last packet on the connection) or at `Close`.
+fn feed(item: LinkItem, machine: &mut Outbound, out: &mut Vec<u8>) -> bool {
+    match item {
+        LinkItem::Packet(p) => {
+            let last = matches!(p, Packet::Disconnect(_));
+            machine.encode(p, out);
+            !last
+        }
+        LinkItem::Configure { version, alias_max } => {
+            *machine = Outbound::new(version, alias_max);
+            true
+        }
+        LinkItem::Close => false,
+    }
+}
+
+/// Our write side is shut down (FIN sent). Closing a socket that still has unread input makes
+/// the kernel answer with RST, and an RST can destroy the DISCONNECT we just wrote before the
+/// client reads it. So read and discard until the client closes too, bounded in time and bytes.
+async fn linger(rd: &mut OwnedReadHalf) {
+    let mut buf = [0u8; 4096];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 async fn read_loop(
-    mut rd: OwnedReadHalf,
+    rd: &mut OwnedReadHalf,
     peer: SocketAddr,
     conn: ConnId,
     shared: &ListenerShared,
@@ -226,8 +267,9 @@ async fn write_loop(
     // Until CONNECT arrives only a refusal can be written, and that uses 3.1.1 framing.
     let mut machine = Outbound::new(Version::V311, 0);
     let mut out = Vec::with_capacity(16 * 1024);
-    let mut closing = false;
-    loop {
+    let mut open = true;
+    while open {
+        let mut closing = false;
         let first = tokio::select! {
             item = rx.recv() => item,
             _ = state.close.notified() => {
@@ -235,20 +277,29 @@ async fn write_loop(
                 rx.try_recv().ok()
             }
         };
-        let Some(first) = first else { break };
-        let mut item = Some(first);
+        let Some(mut item) = first else { break };
         // Batch whatever is already queued into one write.
-        while let Some(it) = item.take() {
-            match it {
-                LinkItem::Packet(p) => machine.encode(p, &mut out),
-                LinkItem::Configure { version, alias_max } => {
-                    machine = Outbound::new(version, alias_max)
+        loop {
+            if !feed(item, &mut machine, &mut out) {
+                open = false;
+                break;
+            }
+            if out.len() >= 64 * 1024 {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(next) => item = next,
+                Err(_) => break,
+            }
+        }
+        if closing && open {
+            // The hub asked us to close: write what it queued before that, then stop.
+            while let Ok(it) = rx.try_recv() {
+                if !feed(it, &mut machine, &mut out) {
+                    break;
                 }
-                LinkItem::Close => closing = true,
             }
-            if out.len() < 64 * 1024 {
-                item = rx.try_recv().ok();
-            }
+            open = false;
         }
         if !out.is_empty() {
             if wr.write_all(&out).await.is_err() {
@@ -258,16 +309,6 @@ async fn write_loop(
         }
         if state.want_ready.swap(false, Ordering::SeqCst) {
             let _ = hub.send(HubMsg::Input(HubInput::Ready { conn })).await;
-        }
-        if closing {
-            // Drain what the hub queued before it asked us to close.
-            while let Ok(it) = rx.try_recv() {
-                if let LinkItem::Packet(p) = it {
-                    machine.encode(p, &mut out);
-                }
-            }
-            let _ = wr.write_all(&out).await;
-            break;
         }
     }
     let _ = wr.shutdown().await;

@@ -244,7 +244,10 @@ pub fn read_until_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
             Err(e)
                 if e.kind() == std::io::ErrorKind::WouldBlock
                     || e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(_) => return (all, true),
+            Err(e) => {
+                eprintln!("read error: {e}");
+                return (all, true);
+            }
         }
     }
     (all, false)
