@@ -91,6 +91,10 @@ fn speaks_sd_notify() {
         seen.push('\n');
     }
     assert!(seen.contains("STATUS="), "{seen}");
+    while !seen.contains("clients,") {
+        let n = sock.recv(&mut buf).expect("periodic STATUS line");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
     let (status, _) = o.terminate();
     assert!(status.success());
     loop {
@@ -99,4 +103,24 @@ fn speaks_sd_notify() {
             break;
         }
     }
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.toml");
+    std::fs::write(
+        &p,
+        format!("[gateway]\ndata_dir = \"{}\"\n[[listener]]\nkind = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\n", dir.path().display()),
+    )
+    .unwrap();
+    let o = outpost(&["run", "--config", p.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("cannot bind mqtt listener on 127.0.0.1:{port}")),
+        "{err}"
+    );
 }

@@ -395,3 +395,31 @@ fn disconnect_survives_unread_input() {
         &p[p.len().saturating_sub(3)..]
     );
 }
+
+/// Past `max_connections`, new sockets are accepted and closed at once; the ones already open
+/// keep working, and a slot freed is usable again.
+#[test]
+fn connection_limit() {
+    let o = Outpost::start("[limits]\nmax_connections = 2\n");
+    let mut a = o.connect_raw();
+    let mut b = o.connect_raw();
+    write(&mut a, &connect(4, "a"));
+    write(&mut b, &connect(4, "b"));
+    let mut c = o.connect_raw();
+    let (bytes, closed) = read_until_close(&mut c, Duration::from_secs(3));
+    assert!(
+        closed && bytes.is_empty(),
+        "third connection must be closed at once"
+    );
+    let (bytes, closed) = read_until_close(&mut a, Duration::from_millis(300));
+    assert!(!closed && bytes.starts_with(&[0x20, 2, 0, 0]), "{bytes:?}");
+    drop(a);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut d = o.connect_raw();
+    write(&mut d, &connect(4, "d"));
+    let (bytes, _) = read_until_close(&mut d, Duration::from_millis(500));
+    assert!(
+        bytes.starts_with(&[0x20, 2, 0, 0]),
+        "a freed slot is usable: {bytes:?}"
+    );
+}

@@ -592,3 +592,31 @@ fn shutdown_publishes_wills_and_closes_everyone() {
         "3.1.1 has no DISCONNECT from the server"
     );
 }
+
+#[test]
+fn full_session_queue_drops_newest_and_counts() {
+    let mut t = T {
+        hub: Hub::new(HubConfig {
+            max_queued: 3,
+            ..HubConfig::default()
+        }),
+        out: FakeOutlet::default(),
+        now: Instant::now(),
+    };
+    t.connect(1, Version::V311, "slowpoke", false);
+    t.subscribe(1, "q", opts(QoS::AtLeastOnce), None);
+    t.close(1, LOST);
+    t.connect(2, Version::V311, "pub", true);
+    for i in 0..5 {
+        t.publish(2, msg("q", &i.to_string(), QoS::AtLeastOnce, 1 + i));
+    }
+    assert_eq!(t.hub.stats().dropped_queue_full, 2);
+    t.connect(3, Version::V311, "slowpoke", false);
+    let got: Vec<String> = t
+        .out
+        .publishes(3)
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    assert_eq!(got, ["0", "1", "2"], "the oldest are kept, in order");
+}

@@ -19,6 +19,24 @@ use tokio::time::Instant;
 use super::sleep_until_opt;
 use crate::hub::{ConnId, Hub, HubInput, Outlet};
 use crate::proto::mqtt::{Packet, Version};
+use crate::systemd;
+
+/// How often the STATUS= line that `systemctl status` shows is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// What `systemctl status outpost` shows while running.
+fn status_line(hub: &Hub) -> String {
+    let s = hub.stats();
+    format!(
+        "{} clients, {} sessions, {} retained; {} msgs in, {} out, {} dropped (queue full); local-only",
+        hub.connected(),
+        hub.sessions(),
+        hub.retained(),
+        s.received,
+        s.sent,
+        s.dropped_queue_full
+    )
+}
 
 /// Inputs waiting for the hub.
 pub const HUB_QUEUE: usize = 4096;
@@ -110,6 +128,7 @@ fn unwrap_packet(item: LinkItem) -> Packet {
 pub async fn run(mut hub: Hub, mut rx: mpsc::Receiver<HubMsg>, grace: Duration) {
     let mut links = Links(HashMap::new());
     let mut done: Option<(oneshot::Sender<()>, Instant)> = None;
+    let mut status = tokio::time::interval(STATUS_EVERY);
     loop {
         let wake = hub.poll_timeout().map(Instant::from_std);
         let msg = tokio::select! {
@@ -119,6 +138,10 @@ pub async fn run(mut hub: Hub, mut rx: mpsc::Receiver<HubMsg>, grace: Duration) 
                 continue;
             }
             _ = sleep_until_opt(done.as_ref().map(|d| d.1)) => None,
+            _ = status.tick(), if done.is_none() => {
+                systemd::status(&status_line(&hub));
+                continue;
+            }
         };
         let Some(msg) = msg else { break };
         let now = Instant::now().into_std();
