@@ -19,5 +19,6 @@ pub mod hub;
 pub mod io;
 pub mod proto;
 pub mod server;
+pub mod store;
 pub mod systemd;
 pub mod telemetry;
