@@ -11,11 +11,14 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use crate::config::{Config, ListenerKind};
-use crate::hub::{Hub, HubConfig};
+use crate::config::{self, Config, ListenerKind};
+use crate::hub::durable::Clock;
+use crate::hub::{Hub, HubConfig, Restored};
 use crate::io::hub_task::{self, HubMsg, HUB_QUEUE};
 use crate::io::mqtt_listener::{self, ListenerShared};
+use crate::io::store_link::{StoreLink, COMMITS_QUEUE};
 use crate::proto::mqtt::server::ServerLimits;
+use crate::store::{self, Store, StoreConfig, StoreError};
 use crate::systemd;
 
 /// How long shutdown waits for connections to flush before giving up on them.
@@ -40,6 +43,46 @@ pub enum ServerError {
     /// A signal handler could not be installed.
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    /// The durable store could not be opened or read.
+    #[error("store in {path}: {source}")]
+    Store {
+        path: std::path::PathBuf,
+        source: StoreError,
+    },
+}
+
+/// The store's settings from the config.
+pub fn store_config(c: &Config) -> StoreConfig {
+    let st = &c.store;
+    StoreConfig {
+        synchronous: match st.synchronous {
+            config::Synchronous::Full => store::Synchronous::Full,
+            config::Synchronous::Normal => store::Synchronous::Normal,
+        },
+        commit_interval: st.commit_interval.0,
+        max_batch: StoreConfig::default().max_batch,
+        max_bytes: st.max_bytes.0,
+        max_messages: st.max_messages,
+        max_age: st.max_age.0,
+        when_full: match st.when_full {
+            config::WhenFull::DropOldest => store::WhenFull::DropOldest,
+            config::WhenFull::Block => store::WhenFull::Block,
+        },
+    }
+}
+
+/// Opens the store and reads what the hub restores from it. Cost: sessions, subscriptions and
+/// retained messages; queued messages stay on disk until their session reconnects.
+fn open_store(dir: &std::path::Path, cfg: StoreConfig) -> Result<(Store, Restored), StoreError> {
+    let store = Store::open(dir, cfg)?;
+    let restored = Restored {
+        sessions: store.sessions()?,
+        subscriptions: store.subscriptions()?,
+        inbound_qos2: store.inbound_qos2()?,
+        retained: store.retained()?,
+        max_row: store.max_id()?,
+    };
+    Ok((store, restored))
 }
 
 /// The hub's limits from the config.
@@ -76,9 +119,27 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let gateway = config.gateway_id();
     tracing::info!(gateway = %gateway, data_dir = %data_dir.display(), "starting outpost {}", env!("CARGO_PKG_VERSION"));
 
+    let (store, restored) =
+        open_store(&data_dir, store_config(&config)).map_err(|source| ServerError::Store {
+            path: data_dir.clone(),
+            source,
+        })?;
+    let store = Arc::new(store);
+    let totals = store.totals();
+    tracing::info!(
+        path = %store.path().display(),
+        queued = totals.messages,
+        queued_bytes = totals.bytes,
+        "store open"
+    );
+    let (commit_tx, commit_rx) = mpsc::channel(COMMITS_QUEUE);
+    let link = StoreLink::new(store.clone(), commit_tx);
+    let clock = Clock::new(std::time::Instant::now(), unix_ms());
+    let mut hub = Hub::with_store(hub_config(&config), Box::new(link), clock);
+    hub.restore(std::time::Instant::now(), restored);
+
     let (hub_tx, hub_rx) = mpsc::channel(HUB_QUEUE);
-    let hub = Hub::new(hub_config(&config));
-    let hub_handle = tokio::spawn(hub_task::run(hub, hub_rx, SHUTDOWN_GRACE));
+    let hub_handle = tokio::spawn(hub_task::run(hub, hub_rx, commit_rx, SHUTDOWN_GRACE));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(ListenerShared {
@@ -149,6 +210,20 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     drop(hub_tx);
     drop(shared);
     hub_handle.abort();
+    let _ = hub_handle.await;
+    // The hub (and its link to the store) is gone: closing the store commits what is queued.
+    match Arc::try_unwrap(store) {
+        Ok(s) => s.close(),
+        Err(_) => tracing::warn!("store still in use at shutdown; its writer stops on exit"),
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Wall-clock Unix milliseconds, read once at startup to anchor the hub's clock.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

@@ -52,6 +52,57 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+/// `synchronous` in `[store]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// fsync on every commit: survives power cuts.
+    Full,
+    /// fsync at checkpoints: survives crashes, may lose the last commits on a power cut.
+    Normal,
+}
+
+/// `when_full` in `[store]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Delete the oldest messages to make room (counted and logged).
+    DropOldest,
+    /// Refuse new QoS 1/2 messages: no ack (3.1.1) or PUBACK/PUBREC 0x97 (5.0).
+    Block,
+}
+
+/// `[store]`: the durable store of messages, sessions and retained messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    pub synchronous: Synchronous,
+    /// A batch commits when this has passed since its first write (or when it is full).
+    pub commit_interval: Duration,
+    /// Queued messages (session queues and the bridge outbox together), in bytes.
+    pub max_bytes: Size,
+    /// Queued messages, by count.
+    pub max_messages: u64,
+    /// Messages older than this are expired.
+    pub max_age: Duration,
+    pub when_full: WhenFull,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            synchronous: Synchronous::Full,
+            commit_interval: Duration(std::time::Duration::from_millis(5)),
+            max_bytes: Size(512 << 20),
+            max_messages: 1_000_000,
+            max_age: Duration(std::time::Duration::from_secs(30 * 86_400)),
+            when_full: WhenFull::DropOldest,
+        }
+    }
 }
 
 /// `[gateway]`: who this gateway is and where it keeps its data.
@@ -186,6 +237,16 @@ impl Config {
                 ));
             }
         }
+        let st = &self.store;
+        if st.commit_interval.0 > std::time::Duration::from_secs(1) {
+            return Err(at(
+                "commit_interval",
+                "must be at most 1s: acks wait for it".into(),
+            ));
+        }
+        if st.max_messages == 0 || st.max_bytes.0 == 0 {
+            return Err(at("max_messages", "store limits must be above 0".into()));
+        }
         if let Some(id) = &self.gateway.id {
             if id.is_empty() || id.contains(['/', '+', '#']) {
                 return Err(at(
@@ -277,6 +338,14 @@ bind = "127.0.0.1:1884"
 max_packet_size = "256KiB"
 connect_timeout = "5s"
 max_keepalive = "60s"
+
+[store]
+synchronous = "normal"
+commit_interval = "2ms"
+max_bytes = "64MiB"
+max_messages = 5000
+max_age = "7d"
+when_full = "block"
 "#,
         )
         .unwrap();
@@ -284,6 +353,9 @@ max_keepalive = "60s"
         assert_eq!(c.data_dir(), PathBuf::from("/var/lib/outpost"));
         assert_eq!(c.limits.max_packet_size.0, 256 * 1024);
         assert_eq!(c.limits.max_keepalive.0.as_secs(), 60);
+        assert_eq!(c.store.synchronous, Synchronous::Normal);
+        assert_eq!(c.store.when_full, WhenFull::Block);
+        assert_eq!(c.store.max_bytes.0, 64 << 20);
     }
 
     fn err(t: &str) -> String {
@@ -307,6 +379,11 @@ max_keepalive = "60s"
         assert!(e.contains("t.toml:2:8: key `kind`: unknown variant"), "{e}");
         let e = err("[limits]\nmax_packet_size = \"1B\"\n");
         assert!(e.starts_with("t.toml:2:1: key `max_packet_size`:"), "{e}");
+        let e = err("[store]\nwhen_full = \"panic\"\n");
+        assert!(
+            e.starts_with("t.toml:2:13: key `when_full`: unknown variant `panic`"),
+            "{e}"
+        );
         let e = err("this is not toml");
         assert!(e.starts_with("t.toml:1:"), "{e}");
         let e = err(

@@ -14,6 +14,8 @@ pub enum Origin {
     Client(Arc<str>),
     /// A will published on behalf of a client that is gone.
     Will(Arc<str>),
+    /// Read back from the store after a restart; who published it is not kept.
+    Restored,
 }
 
 impl Origin {
@@ -21,7 +23,7 @@ impl Origin {
     pub fn client(&self) -> Option<&str> {
         match self {
             Origin::Client(c) => Some(c),
-            Origin::Will(_) => None,
+            Origin::Will(_) | Origin::Restored => None,
         }
     }
 }

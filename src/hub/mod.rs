@@ -6,6 +6,7 @@
 //! Acks for QoS 1/2 publishes are released by the hub after routing (never inline in a
 //! connection), which is where the durable store's commit confirmation slots in.
 
+pub mod durable;
 pub mod message;
 pub mod retained;
 pub mod session;
@@ -20,13 +21,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::proto::mqtt::server::CloseReason;
+use crate::proto::mqtt::SubOptions;
 use crate::proto::mqtt::{
     reason, Ack, ConnAck, Connect, Disconnect, Packet, Props, Publish, QoS, SubAck, Subscribe,
     UnsubAck, Unsubscribe, Version, Will,
 };
 use crate::proto::topic;
+use crate::store::{Op, OpResult, Outcome, StoredRetained, StoredSession, StoredSubscription};
+use durable::{Clock, Durable};
 use message::{Message, Origin};
-use session::{InflightState, PendingWill, Queued, Session, NEVER_EXPIRES};
+use session::{Enqueued, InflightState, PendingWill, Persist, Queued, Session, NEVER_EXPIRES};
 use tree::{Match, Sub, SubscriptionTree};
 
 pub use retained::RetainedIndex;
@@ -66,6 +70,8 @@ pub struct Stats {
     pub dropped_queue_full: u64,
     pub dropped_too_large: u64,
     pub expired: u64,
+    /// QoS 1/2 publishes refused because the store was full or failing.
+    pub refused_full: u64,
 }
 
 /// Where the hub's packets go. The runtime implements it with bounded channels.
@@ -97,7 +103,44 @@ pub enum HubInput {
     },
     /// The connection's queue has room again after a refused `try_send`.
     Ready { conn: ConnId },
+    /// Ops submitted with `token` have committed (or failed).
+    Committed { token: u64, outcome: Outcome },
 }
+
+/// What the store held at startup, for `Hub::restore`.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub sessions: Vec<StoredSession>,
+    pub subscriptions: Vec<StoredSubscription>,
+    pub inbound_qos2: Vec<(String, u16)>,
+    pub retained: Vec<StoredRetained>,
+    /// The highest message id ever allocated.
+    pub max_row: i64,
+}
+
+/// What routing one message did.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// Sessions it was queued for.
+    pub reached: usize,
+    /// Its durable effects.
+    pub ops: Vec<Op>,
+    /// Sessions whose copy went to the store only (their tail).
+    pub tails: Vec<Arc<str>>,
+}
+
+/// Something released when a commit completes.
+struct Pending {
+    /// The packet to send, on the connection it answers.
+    reply: Option<(ConnId, Packet)>,
+    /// Sessions that got tail rows in this commit.
+    tails: Vec<Arc<str>>,
+    /// Whose unacknowledged-publish count this reply decrements.
+    publisher: Option<Arc<str>>,
+}
+
+/// How often expired and over-age messages are deleted from the store.
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 /// The router.
 pub struct Hub {
@@ -112,10 +155,26 @@ pub struct Hub {
     assigned_ids: u64,
     stats: Stats,
     matches: Vec<Match>,
+    persist: Persist,
+    next_row: i64,
+    next_token: u64,
+    pending: HashMap<u64, Pending>,
+    next_expire: Option<Instant>,
 }
 
 impl Hub {
+    /// A hub that keeps everything in memory.
     pub fn new(cfg: HubConfig) -> Self {
+        Self::build(cfg, None, Clock::new(Instant::now(), 0))
+    }
+
+    /// A hub whose durable effects go through `durable`. `clock` maps its `Instant`s to the
+    /// Unix time the store keeps.
+    pub fn with_store(cfg: HubConfig, durable: Box<dyn Durable>, clock: Clock) -> Self {
+        Self::build(cfg, Some(durable), clock)
+    }
+
+    fn build(cfg: HubConfig, durable: Option<Box<dyn Durable>>, clock: Clock) -> Self {
         Hub {
             cfg,
             sessions: HashMap::new(),
@@ -126,6 +185,110 @@ impl Hub {
             assigned_ids: 0,
             stats: Stats::default(),
             matches: Vec::new(),
+            persist: Persist {
+                durable,
+                clock,
+                ops: Vec::new(),
+            },
+            next_row: 1,
+            next_token: 1,
+            pending: HashMap::new(),
+            next_expire: None,
+        }
+    }
+
+    /// Loads what the store held: sessions (offline, their queues left in the store until they
+    /// reconnect), subscriptions, inbound QoS 2 state and retained messages. The cost grows with
+    /// the number of sessions and retained messages, never with the queued backlog.
+    pub fn restore(&mut self, now: Instant, r: Restored) {
+        let now_ms = self.persist.clock.unix_ms(now);
+        self.next_row = r.max_row + 1;
+        for st in r.sessions {
+            if st.expires_ms.is_some_and(|e| e <= now_ms) {
+                self.persist.ops.push(Op::SessionDelete(st.client_id));
+                continue;
+            }
+            let id: Arc<str> = Arc::from(st.client_id.as_str());
+            let version = match st.version {
+                3 => Version::V31,
+                4 => Version::V311,
+                _ => Version::V5,
+            };
+            let mut s = Session::new(id.clone(), version);
+            s.expiry = st.expiry;
+            s.stored = true;
+            s.tail = true;
+            // A session that was connected when we stopped starts its expiry now.
+            let expires_ms = st
+                .expires_ms
+                .or_else(|| (st.expiry != NEVER_EXPIRES).then(|| now_ms + st.expiry as i64 * 1000));
+            s.expires_at = expires_ms.map(|e| self.persist.clock.instant(e, now));
+            if let Some(at) = s.expires_at {
+                self.timers.push(Reverse((at, id.clone())));
+            }
+            self.sessions.insert(id, s);
+        }
+        for sub in r.subscriptions {
+            let Some(s) = self.sessions.get_mut(sub.client_id.as_str()) else {
+                self.persist.ops.push(Op::SubDelete {
+                    client_id: sub.client_id,
+                    filter: sub.filter,
+                });
+                continue;
+            };
+            let Ok(parsed) = topic::parse_subscription(&sub.filter) else {
+                continue;
+            };
+            let entry = Sub {
+                options: options_from_byte(sub.options),
+                id: sub.sub_id,
+            };
+            self.subs
+                .insert(parsed.share_group, parsed.filter, &s.id, entry);
+            s.subs.insert(sub.filter, entry);
+        }
+        for (client, pid) in r.inbound_qos2 {
+            if let Some(s) = self.sessions.get_mut(client.as_str()) {
+                s.inbound_qos2.insert(pid);
+            }
+        }
+        for rt in r.retained {
+            if rt.expires_ms.is_some_and(|e| e <= now_ms) {
+                continue;
+            }
+            if let Some(m) = durable::from_retained(&rt, &self.persist.clock, now) {
+                self.retained.set(m);
+            }
+        }
+        tracing::info!(
+            sessions = self.sessions.len(),
+            subscriptions = self.subs.len(),
+            retained = self.retained.len(),
+            "restored from the store"
+        );
+        self.flush();
+    }
+
+    /// Submits the effects nobody waits for. Called at the end of every input, so they follow
+    /// the inserts they refer to in the writer's queue.
+    fn flush(&mut self) {
+        if self.persist.ops.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.persist.ops);
+        if let Some(d) = self.persist.durable.as_mut() {
+            d.submit(0, ops);
+        }
+    }
+
+    /// Submits `ops`, whose commit releases `pending`; without a store, releases it now.
+    fn submit_gated(&mut self, now: Instant, ops: Vec<Op>, pending: Pending, out: &mut dyn Outlet) {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.pending.insert(token, pending);
+        match self.persist.durable.as_mut() {
+            Some(d) => d.submit(token, ops),
+            None => self.on_committed(now, token, Ok(Vec::new()), out),
         }
     }
 
@@ -172,19 +335,86 @@ impl Hub {
                     .get(&conn)
                     .and_then(|id| self.sessions.get_mut(id))
                 {
-                    s.pump(now, &self.cfg, &mut self.stats, out);
+                    s.pump(now, &self.cfg, &mut self.stats, out, &mut self.persist);
+                }
+            }
+            HubInput::Committed { token, outcome } => self.on_committed(now, token, outcome, out),
+        }
+        self.flush();
+    }
+
+    fn on_committed(&mut self, now: Instant, token: u64, outcome: Outcome, out: &mut dyn Outlet) {
+        let Some(p) = self.pending.remove(&token) else {
+            return;
+        };
+        if let Some(s) = p.publisher.as_ref().and_then(|c| self.sessions.get_mut(c)) {
+            s.awaiting_acks = s.awaiting_acks.saturating_sub(1);
+        }
+        for c in &p.tails {
+            if let Some(s) = self.sessions.get_mut(c) {
+                s.uncommitted_tail = s.uncommitted_tail.saturating_sub(1);
+                if s.conn.is_some() && !s.stalled {
+                    s.pump(now, &self.cfg, &mut self.stats, out, &mut self.persist);
                 }
             }
         }
+        let refused = match &outcome {
+            Ok(results) => results.contains(&OpResult::Full),
+            Err(e) => {
+                tracing::warn!(error = %e, "durable effects failed; their acks are refused");
+                true
+            }
+        };
+        let Some((conn, mut packet)) = p.reply else {
+            return;
+        };
+        // The client may have reconnected since: the ack belonged to the old connection.
+        let Some(id) = self.conns.get(&conn).cloned() else {
+            return;
+        };
+        if refused {
+            self.stats.refused_full += 1;
+            let v5 = self.sessions.get(&id).is_some_and(|s| s.version.is_v5());
+            if let Packet::PubRec(a) = &packet {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    // Not stored, so a retry must be routed again.
+                    s.inbound_qos2.remove(&a.packet_id);
+                }
+            }
+            if let Packet::PubAck(a) | Packet::PubRec(a) = &mut packet {
+                if !v5 {
+                    // 3.1.1 has no negative ack: withhold it; the client resends later.
+                    return;
+                }
+                a.reason = reason::QUOTA_EXCEEDED;
+            }
+        }
+        self.control(now, conn, &id, packet, out);
     }
 
     /// When `handle_timeout` must next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        let timer = self.timers.peek().map(|Reverse((t, _))| *t);
+        match (timer, self.next_expire) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Publishes wills whose delay has passed and ends expired sessions.
+    /// Publishes wills whose delay has passed, ends expired sessions, and expires stored
+    /// messages.
     pub fn handle_timeout(&mut self, now: Instant, out: &mut dyn Outlet) {
+        if self.persist.durable.is_some() {
+            match self.next_expire {
+                Some(t) if t <= now => {
+                    let now_ms = self.persist.clock.unix_ms(now);
+                    self.persist.ops.push(Op::Expire { now_ms });
+                    self.next_expire = Some(now + EXPIRE_EVERY);
+                }
+                None => self.next_expire = Some(now + EXPIRE_EVERY),
+                _ => {}
+            }
+        }
         while let Some(Reverse((t, _))) = self.timers.peek() {
             if *t > now {
                 break;
@@ -212,6 +442,7 @@ impl Hub {
                 self.end_session(now, &id, out);
             }
         }
+        self.flush();
     }
 
     /// Graceful shutdown: wills are published (the server, not the client, ends each
@@ -233,6 +464,7 @@ impl Hub {
             let v5 = self.sessions.get(&id).is_some_and(|s| s.version.is_v5());
             out.close(conn, v5.then(|| disconnect(reason::SERVER_SHUTTING_DOWN)));
         }
+        self.flush();
     }
 
     fn on_connect(
@@ -318,6 +550,16 @@ impl Hub {
         s.receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
         s.max_packet = c.properties.maximum_packet_size.unwrap_or(u32::MAX);
         s.stalled = false;
+        if self.persist.durable.is_some() && (s.persistent() || s.stored) {
+            s.stored = true;
+            self.persist.ops.push(Op::SessionPut(StoredSession {
+                client_id: id.to_string(),
+                version: v.level(),
+                expiry,
+                expires_ms: None,
+                will: None,
+            }));
+        }
         self.conns.insert(conn, id.clone());
 
         let mut props = Props::default();
@@ -341,7 +583,7 @@ impl Hub {
             s.queue_resends(now);
         }
         tracing::debug!(client = %id, conn, version = ?v, present, "client connected");
-        s.pump(now, &self.cfg, &mut self.stats, out);
+        s.pump(now, &self.cfg, &mut self.stats, out, &mut self.persist);
     }
 
     fn on_packet(&mut self, now: Instant, conn: ConnId, packet: Packet, out: &mut dyn Outlet) {
@@ -358,8 +600,21 @@ impl Hub {
                 };
                 let code = match s.take_inflight(a.packet_id, InflightState::AwaitRec) {
                     // v5: a failure code on PUBREC ends the exchange ([MQTT-4.3.3-4] note).
-                    Some(_) if a.reason >= 0x80 => None,
+                    Some(f) if a.reason >= 0x80 => {
+                        if let Some(row) = f.item.row {
+                            self.persist.ops.push(Op::Delete(row));
+                        }
+                        None
+                    }
                     Some(mut f) => {
+                        // The persisted QoS 2 state: after a restart PUBREL goes, not PUBLISH.
+                        if let Some(row) = f.item.row {
+                            self.persist.ops.push(Op::SetState {
+                                id: row,
+                                state: 2,
+                                packet_id: Some(f.pid),
+                            });
+                        }
                         f.state = InflightState::AwaitComp;
                         s.inflight.push_back(f);
                         Some(reason::SUCCESS)
@@ -370,20 +625,37 @@ impl Hub {
                     let rel = Packet::PubRel(ack(a.packet_id, code, s.version));
                     self.control(now, conn, &id, rel, out);
                 } else {
-                    s.pump(now, &self.cfg, &mut self.stats, out);
+                    s.pump(now, &self.cfg, &mut self.stats, out, &mut self.persist);
                 }
             }
             Packet::PubRel(a) => {
                 let Some(s) = self.sessions.get_mut(&id) else {
                     return;
                 };
-                let code = if s.inbound_qos2.remove(&a.packet_id) {
+                let known = s.inbound_qos2.remove(&a.packet_id);
+                let code = if known {
                     reason::SUCCESS
                 } else {
                     reason::PACKET_ID_NOT_FOUND
                 };
                 let comp = Packet::PubComp(ack(a.packet_id, code, s.version));
-                self.control(now, conn, &id, comp, out);
+                if known && s.stored && self.persist.durable.is_some() {
+                    // PUBCOMP frees the packet id for reuse, so the stored id must be gone
+                    // first: otherwise a new message reusing it after a crash would be taken
+                    // for a duplicate and lost.
+                    let op = Op::Qos2Delete {
+                        client_id: id.to_string(),
+                        packet_id: a.packet_id,
+                    };
+                    let pending = Pending {
+                        reply: Some((conn, comp)),
+                        tails: Vec::new(),
+                        publisher: None,
+                    };
+                    self.submit_gated(now, vec![op], pending, out);
+                } else {
+                    self.control(now, conn, &id, comp, out);
+                }
             }
             Packet::Subscribe(sub) => self.on_subscribe(now, conn, &id, sub, out),
             Packet::Unsubscribe(u) => self.on_unsubscribe(now, conn, &id, u, out),
@@ -401,8 +673,11 @@ impl Hub {
     ) {
         if let Some(s) = self.sessions.get_mut(id) {
             // An unknown id is ignored: it may ack a message resent before a reconnect.
-            s.take_inflight(a.packet_id, state);
-            s.pump(now, &self.cfg, &mut self.stats, out);
+            if let Some(row) = s.take_inflight(a.packet_id, state).and_then(|f| f.item.row) {
+                // Delivered: the row goes (delete only once acknowledged).
+                self.persist.ops.push(Op::Delete(row));
+            }
+            s.pump(now, &self.cfg, &mut self.stats, out, &mut self.persist);
         }
     }
 
@@ -421,7 +696,7 @@ impl Hub {
         };
         if s.push_control(p) {
             if !s.stalled {
-                s.pump(now, &self.cfg, &mut self.stats, out);
+                s.pump(now, &self.cfg, &mut self.stats, out, &mut self.persist);
             }
         } else {
             tracing::warn!(client = %id, "client is not reading its acks; disconnecting");
@@ -451,14 +726,17 @@ impl Hub {
             return;
         };
         let v = s.version;
+        let durable_publisher = s.stored && self.persist.durable.is_some();
         self.stats.received += 1;
         if p.qos == QoS::ExactlyOnce && s.inbound_qos2.contains(&p.packet_id) {
             // A resent QoS 2 PUBLISH we already routed: acknowledge, never deliver twice.
             let rec = Packet::PubRec(ack(p.packet_id, reason::SUCCESS, v));
             return self.control(now, conn, id, rec, out);
         }
-        if p.qos == QoS::ExactlyOnce && s.inbound_qos2.len() >= self.cfg.max_inflight as usize {
-            // QoS 1 acks go out immediately today, so only QoS 2 can pile up unacknowledged.
+        if v.is_v5()
+            && p.qos != QoS::AtMostOnce
+            && s.inbound_qos2.len() + s.awaiting_acks >= self.cfg.max_inflight as usize
+        {
             return self.violation(
                 conn,
                 id,
@@ -468,6 +746,7 @@ impl Hub {
             );
         }
         let mut code = reason::SUCCESS;
+        let mut routed = Routed::default();
         if p.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
         {
@@ -485,33 +764,67 @@ impl Hub {
                 received_at: now,
                 expires_at,
             });
-            if self.route(now, msg, out) == 0 && v.is_v5() {
+            routed = self.route(now, msg, out);
+            if routed.reached == 0 && v.is_v5() {
                 code = reason::NO_MATCHING_SUBSCRIBERS;
             }
         }
         let reply = match p.qos {
-            QoS::AtMostOnce => return,
+            QoS::AtMostOnce => {
+                // Nobody waits for a QoS 0 message's effects (a retained update, say).
+                self.persist.ops.append(&mut routed.ops);
+                return;
+            }
             QoS::AtLeastOnce => Packet::PubAck(ack(p.packet_id, code, v)),
             QoS::ExactlyOnce => {
                 if code < 0x80 {
                     if let Some(s) = self.sessions.get_mut(id) {
                         s.inbound_qos2.insert(p.packet_id);
                     }
+                    if durable_publisher {
+                        // Committed with the message, so a resend after a crash is recognised.
+                        routed.ops.push(Op::Qos2Put {
+                            client_id: id.to_string(),
+                            packet_id: p.packet_id,
+                        });
+                    }
                 }
                 Packet::PubRec(ack(p.packet_id, code, v))
             }
         };
-        self.control(now, conn, id, reply, out);
+        if routed.ops.is_empty() {
+            return self.control(now, conn, id, reply, out);
+        }
+        // The durability contract: the ack goes out only once every effect has committed.
+        if let Some(s) = self.sessions.get_mut(id) {
+            s.awaiting_acks += 1;
+        }
+        let pending = Pending {
+            reply: Some((conn, reply)),
+            tails: routed.tails,
+            publisher: Some(id.clone()),
+        };
+        self.submit_gated(now, routed.ops, pending, out);
     }
 
-    /// Routes one message: the retained update, then a copy to every matching session.
-    /// Returns how many sessions it reached.
-    pub fn route(&mut self, now: Instant, msg: Arc<Message>, out: &mut dyn Outlet) -> usize {
+    /// Routes one message: the retained update, then a copy to every matching session. Returns
+    /// how many sessions it reached and the durable effects: the retained row, and a row for
+    /// each QoS 1/2 delivery to a persistent session.
+    pub fn route(&mut self, now: Instant, msg: Arc<Message>, out: &mut dyn Outlet) -> Routed {
+        let mut routed = Routed::default();
+        let durable = self.persist.durable.is_some();
         if msg.retain {
             if msg.payload.is_empty() {
                 self.retained.remove(&msg.topic);
+                if durable {
+                    routed.ops.push(Op::RetainDelete(msg.topic.clone()));
+                }
             } else {
                 self.retained.set(msg.clone());
+                if durable {
+                    let row = durable::retained_row(&msg, &self.persist.clock);
+                    routed.ops.push(Op::RetainSet(row));
+                }
             }
         }
         let mut matches = std::mem::take(&mut self.matches);
@@ -546,20 +859,42 @@ impl Hub {
                 qos,
                 retain,
                 sub_ids: m.sub.id.into_iter().collect(),
+                row: None,
             };
             merged.push((m.client, item));
         }
         self.matches = matches;
-        let reached = merged.len();
-        for (client, item) in merged {
-            if let Some(s) = self.sessions.get_mut(&client) {
-                s.enqueue(item, &self.cfg, &mut self.stats);
-                if !s.stalled {
-                    s.pump(now, &self.cfg, &mut self.stats, out);
+        routed.reached = merged.len();
+        for (client, mut item) in merged {
+            let Some(s) = self.sessions.get_mut(&client) else {
+                continue;
+            };
+            if durable && s.stored && s.persistent() && item.qos != QoS::AtMostOnce {
+                let id = self.next_row;
+                self.next_row += 1;
+                let row = durable::session_row(
+                    &client,
+                    &item.msg,
+                    item.qos,
+                    item.retain,
+                    &item.sub_ids,
+                    &self.persist.clock,
+                );
+                routed.ops.push(Op::Insert {
+                    id: Some(id),
+                    msg: row,
+                });
+                item.row = Some(id);
+            }
+            match s.enqueue(item, &self.cfg, &mut self.stats) {
+                Enqueued::Ram if !s.stalled => {
+                    s.pump(now, &self.cfg, &mut self.stats, out, &mut self.persist)
                 }
+                Enqueued::Tail => routed.tails.push(client),
+                _ => {}
             }
         }
-        reached
+        routed
     }
 
     fn on_subscribe(
@@ -576,6 +911,8 @@ impl Hub {
         let sub_id = sub.properties.subscription_identifiers.first().copied();
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut retained = Vec::new();
+        let durable = s.stored && self.persist.durable.is_some();
+        let mut ops = Vec::new();
         for (raw, options) in &sub.filters {
             let Ok(parsed) = topic::parse_subscription(raw) else {
                 // The decoder already refused invalid filters; this is only a guard.
@@ -591,6 +928,14 @@ impl Hub {
                 .insert(parsed.share_group, parsed.filter, id, entry);
             s.subs.insert(raw.clone(), entry);
             codes.push(options.qos as u8);
+            if durable {
+                ops.push(Op::SubPut(StoredSubscription {
+                    client_id: id.to_string(),
+                    filter: raw.clone(),
+                    options: options_to_byte(options),
+                    sub_id,
+                }));
+            }
             let send_retained = match options.retain_handling {
                 0 => true,
                 1 => new,
@@ -610,6 +955,9 @@ impl Hub {
                         // [MQTT-3.3.1-8] retained messages sent on subscribe keep retain = 1.
                         retain: true,
                         sub_ids: sub_id.into_iter().collect(),
+                        // Not stored: the retained message itself is, and a resubscribe
+                        // after a restart sends it again.
+                        row: None,
                     };
                     s.enqueue(item, &self.cfg, &mut self.stats);
                 }
@@ -620,7 +968,16 @@ impl Hub {
             codes,
             properties: Props::default(),
         });
-        self.control(now, conn, id, ack, out);
+        if ops.is_empty() {
+            return self.control(now, conn, id, ack, out);
+        }
+        // A persistent session's subscription is on disk before the client hears it exists.
+        let pending = Pending {
+            reply: Some((conn, ack)),
+            tails: Vec::new(),
+            publisher: None,
+        };
+        self.submit_gated(now, ops, pending, out);
     }
 
     fn on_unsubscribe(
@@ -639,6 +996,12 @@ impl Hub {
             let existed = match topic::parse_subscription(raw) {
                 Ok(p) => {
                     s.subs.remove(raw);
+                    if s.stored {
+                        self.persist.ops.push(Op::SubDelete {
+                            client_id: id.to_string(),
+                            filter: raw.clone(),
+                        });
+                    }
                     self.subs.remove(p.share_group, p.filter, id)
                 }
                 Err(_) => false,
@@ -698,12 +1061,25 @@ impl Hub {
         }
         if expiry == 0 {
             self.end_session(now, &id, out);
-        } else if expiry != NEVER_EXPIRES {
-            let at = now + Duration::from_secs(expiry as u64);
-            if let Some(s) = self.sessions.get_mut(&id) {
-                s.expires_at = Some(at);
-            }
-            self.timers.push(Reverse((at, id)));
+            return;
+        }
+        let at = (expiry != NEVER_EXPIRES).then(|| now + Duration::from_secs(expiry as u64));
+        if let Some(at) = at {
+            self.timers.push(Reverse((at, id.clone())));
+        }
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        s.expires_at = at;
+        if s.stored {
+            // Offline from now on: the expiry is recorded, so a restart keeps counting it.
+            self.persist.ops.push(Op::SessionPut(StoredSession {
+                client_id: id.to_string(),
+                version: s.version.level(),
+                expiry,
+                expires_ms: at.map(|a| self.persist.clock.unix_ms(a)),
+                will: None,
+            }));
         }
     }
 
@@ -713,6 +1089,9 @@ impl Hub {
         let Some(s) = self.sessions.remove(id) else {
             return;
         };
+        if s.stored {
+            self.persist.ops.push(Op::SessionDelete(id.to_string()));
+        }
         for raw in s.subs.keys() {
             if let Ok(p) = topic::parse_subscription(raw) {
                 self.subs.remove(p.share_group, p.filter, id);
@@ -736,7 +1115,32 @@ impl Hub {
             received_at: now,
             expires_at,
         });
-        self.route(now, msg, out);
+        let routed = self.route(now, msg, out);
+        if !routed.ops.is_empty() {
+            let pending = Pending {
+                reply: None,
+                tails: routed.tails,
+                publisher: None,
+            };
+            self.submit_gated(now, routed.ops, pending, out);
+        }
+    }
+}
+
+/// The SUBSCRIBE options byte, as the store keeps it.
+fn options_to_byte(o: &SubOptions) -> u8 {
+    o.qos as u8
+        | (o.no_local as u8) << 2
+        | (o.retain_as_published as u8) << 3
+        | (o.retain_handling & 3) << 4
+}
+
+fn options_from_byte(b: u8) -> SubOptions {
+    SubOptions {
+        qos: QoS::from_bits(b & 3).unwrap_or(QoS::AtMostOnce),
+        no_local: b & 4 != 0,
+        retain_as_published: b & 8 != 0,
+        retain_handling: (b >> 4) & 3,
     }
 }
 

@@ -2,16 +2,20 @@
 //! client, the outbound inflight window, inbound QoS 2 state, and the will.
 //!
 //! The session never blocks: it hands packets to an `Outlet` and, when the connection's queue is
-//! full, stops and waits for `Ready`. Its own queue is bounded by `max_queued`.
+//! full, stops and waits for `Ready`. A persistent session's QoS 1/2 deliveries are rows in the
+//! store as well: once its RAM queue is full (or after a restart) new ones live only in the
+//! store, as its "tail", and are read back in windows as the client drains them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::durable::{from_row, Clock, Durable};
 use super::message::Message;
 use super::tree::Sub;
 use super::{ConnId, HubConfig, Outlet, Stats};
 use crate::proto::mqtt::{encode::encoded_len, Ack, Packet, Publish, QoS, Version, Will};
+use crate::store::Op;
 
 /// How many control packets (acks) may wait for a connection that is not reading. Past this the
 /// client is too slow to keep and is disconnected; a normal client never gets near it because
@@ -28,6 +32,8 @@ pub struct Queued {
     pub qos: QoS,
     pub retain: bool,
     pub sub_ids: Vec<u32>,
+    /// The store row that makes this delivery durable (persistent sessions, QoS 1/2).
+    pub row: Option<i64>,
 }
 
 /// Where an outbound QoS 1/2 message stands.
@@ -53,6 +59,26 @@ pub struct Inflight {
 pub struct PendingWill {
     pub will: Will,
     pub due: Instant,
+}
+
+/// The durable side of the hub, lent to sessions while they work.
+pub struct Persist {
+    pub durable: Option<Box<dyn Durable>>,
+    pub clock: Clock,
+    /// Effects nobody waits for (deletes after acks, state changes), flushed at the end of
+    /// every hub input, so they always follow the inserts they refer to.
+    pub ops: Vec<Op>,
+}
+
+/// What `Session::enqueue` did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// In the RAM queue.
+    Ram,
+    /// Only in the store (the session's tail); read back when the client has room.
+    Tail,
+    /// Not kept (offline QoS 0, or a full queue of a non-persistent session).
+    Dropped,
 }
 
 /// The hub's record of one client id.
@@ -81,6 +107,17 @@ pub struct Session {
     pub max_packet: u32,
     /// The connection's queue was full; wait for `Ready` before pumping again.
     pub stalled: bool,
+    /// The store holds this session (written once it became persistent).
+    pub stored: bool,
+    /// Rows above `last_row` exist in the store that are not in RAM.
+    pub tail: bool,
+    /// The highest row id that has been in RAM (queue or inflight).
+    pub last_row: i64,
+    /// Tail rows submitted and not yet committed: a short read does not prove the tail empty.
+    pub uncommitted_tail: usize,
+    /// This client's QoS 1/2 publishes whose ack waits for a commit (counts against our
+    /// Receive Maximum).
+    pub awaiting_acks: usize,
 }
 
 impl Session {
@@ -102,25 +139,46 @@ impl Session {
             receive_max: u16::MAX,
             max_packet: u32::MAX,
             stalled: false,
+            stored: false,
+            tail: false,
+            last_row: 0,
+            uncommitted_tail: 0,
+            awaiting_acks: 0,
         }
     }
 
+    /// A session that outlives its connection, and so keeps its state in the store.
+    pub fn persistent(&self) -> bool {
+        self.expiry > 0
+    }
+
     /// Adds a message for this session. Offline sessions keep QoS 1/2 only, as MQTT asks.
-    /// Policy when full: the newest message is dropped and counted, so that what the client
-    /// already waits for keeps its order (mosquitto's `max_queued_messages` behaves the same).
-    pub fn enqueue(&mut self, item: Queued, cfg: &HubConfig, stats: &mut Stats) {
+    ///
+    /// Policy when the RAM queue is full: a persistent session's message already has its store
+    /// row, so it joins the tail (order kept: once there is a tail, everything new goes there).
+    /// A non-persistent session drops the newest and counts it, like mosquitto's
+    /// `max_queued_messages`.
+    pub fn enqueue(&mut self, item: Queued, cfg: &HubConfig, stats: &mut Stats) -> Enqueued {
         if self.conn.is_none() && item.qos == QoS::AtMostOnce {
-            return;
+            return Enqueued::Dropped;
         }
-        if self.queue.len() >= cfg.max_queued {
+        if let Some(row) = item.row {
+            if self.tail || self.queue.len() >= cfg.max_queued {
+                self.tail = true;
+                self.uncommitted_tail += 1;
+                return Enqueued::Tail;
+            }
+            self.last_row = self.last_row.max(row);
+        } else if self.tail || self.queue.len() >= cfg.max_queued {
             stats.dropped_queue_full += 1;
             if stats.dropped_queue_full.is_power_of_two() {
                 tracing::warn!(client = %self.id, total = stats.dropped_queue_full,
                     "session queue full, dropping newest message");
             }
-            return;
+            return Enqueued::Dropped;
         }
         self.queue.push_back(item);
+        Enqueued::Ram
     }
 
     /// Queues an ack or other control packet. Returns false when the client has stopped
@@ -174,21 +232,100 @@ impl Session {
         }
     }
 
-    /// Sends what the connection has room for: control packets first, then queued messages
-    /// while the inflight window allows.
-    pub fn pump(&mut self, now: Instant, cfg: &HubConfig, stats: &mut Stats, out: &mut dyn Outlet) {
-        let Some(conn) = self.conn else { return };
-        self.stalled = false;
-        while let Some(p) = self.control.pop_front() {
-            if let Err(p) = out.try_send(conn, p) {
-                self.control.push_front(p);
-                self.stalled = true;
-                return;
+    /// Reads the next window of the tail from the store into RAM. Rows the client already had
+    /// in flight before a restart go straight back into the inflight window, to be resent.
+    fn refill(&mut self, now: Instant, cfg: &HubConfig, p: &mut Persist) {
+        if !self.tail || self.queue.len() >= cfg.max_queued / 2 {
+            return;
+        }
+        let Some(d) = p.durable.as_mut() else {
+            self.tail = false;
+            return;
+        };
+        let want = cfg.max_queued - self.queue.len();
+        let rows = d.read_queue(&self.id, self.last_row, want);
+        let short = rows.len() < want;
+        for row in rows {
+            self.last_row = self.last_row.max(row.id);
+            let Some((msg, qos, sub_ids)) = from_row(&row, &p.clock, now) else {
+                tracing::warn!(client = %self.id, row = row.id, "dropping a stored message that does not decode");
+                p.ops.push(Op::Delete(row.id));
+                continue;
+            };
+            let item = Queued {
+                msg,
+                qos,
+                retain: row.msg.retain,
+                sub_ids,
+                row: Some(row.id),
+            };
+            match (row.state, row.packet_id, qos) {
+                (1, Some(pid), QoS::ExactlyOnce) => {
+                    self.control
+                        .push_back(Packet::Publish(self.publish_for(&item, pid, true, now)));
+                    self.inflight.push_back(Inflight {
+                        pid,
+                        item,
+                        state: InflightState::AwaitRec,
+                    });
+                }
+                (2, Some(pid), _) => {
+                    self.control.push_back(Packet::PubRel(Ack {
+                        packet_id: pid,
+                        ..Ack::default()
+                    }));
+                    self.inflight.push_back(Inflight {
+                        pid,
+                        item,
+                        state: InflightState::AwaitComp,
+                    });
+                }
+                _ => self.queue.push_back(item),
             }
         }
+        if short && self.uncommitted_tail == 0 {
+            self.tail = false;
+        }
+    }
+
+    /// Sends what the connection has room for: control packets first, then queued messages
+    /// while the inflight window allows.
+    pub fn pump(
+        &mut self,
+        now: Instant,
+        cfg: &HubConfig,
+        stats: &mut Stats,
+        out: &mut dyn Outlet,
+        p: &mut Persist,
+    ) {
+        let Some(conn) = self.conn else { return };
+        self.stalled = false;
+        loop {
+            while let Some(c) = self.control.pop_front() {
+                if let Err(c) = out.try_send(conn, c) {
+                    self.control.push_front(c);
+                    self.stalled = true;
+                    return;
+                }
+            }
+            self.refill(now, cfg, p);
+            if !self.control.is_empty() {
+                continue;
+            }
+            break;
+        }
         let window = cfg.max_inflight.min(self.receive_max) as usize;
-        while let Some(front) = self.queue.front() {
+        loop {
+            if self.queue.is_empty() {
+                self.refill(now, cfg, p);
+            }
+            let Some(front) = self.queue.front() else {
+                break;
+            };
             if front.msg.expired(now) {
+                if let Some(row) = front.row {
+                    p.ops.push(Op::Delete(row));
+                }
                 self.queue.pop_front();
                 stats.expired += 1;
                 continue;
@@ -205,6 +342,9 @@ impl Session {
             let publish = Packet::Publish(self.publish_for(front, pid, false, now));
             if encoded_len(&publish, self.version) > self.max_packet as usize {
                 // [MQTT-3.1.2-25] too large for the client: discard as if delivered.
+                if let Some(row) = front.row {
+                    p.ops.push(Op::Delete(row));
+                }
                 self.queue.pop_front();
                 stats.dropped_too_large += 1;
                 continue;
@@ -217,14 +357,33 @@ impl Session {
             let Some(item) = self.queue.pop_front() else {
                 break;
             };
-            if qos != QoS::AtMostOnce {
-                self.next_pid = pid;
-                let state = if qos == QoS::AtLeastOnce {
-                    InflightState::AwaitAck
-                } else {
-                    InflightState::AwaitRec
-                };
-                self.inflight.push_back(Inflight { pid, item, state });
+            match qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => {
+                    self.next_pid = pid;
+                    self.inflight.push_back(Inflight {
+                        pid,
+                        item,
+                        state: InflightState::AwaitAck,
+                    });
+                }
+                QoS::ExactlyOnce => {
+                    self.next_pid = pid;
+                    // The packet id is kept with the row: after a restart the same id goes out
+                    // again, so the client recognises the duplicate.
+                    if let Some(row) = item.row {
+                        p.ops.push(Op::SetState {
+                            id: row,
+                            state: 1,
+                            packet_id: Some(pid),
+                        });
+                    }
+                    self.inflight.push_back(Inflight {
+                        pid,
+                        item,
+                        state: InflightState::AwaitRec,
+                    });
+                }
             }
         }
     }
@@ -252,5 +411,10 @@ impl Session {
             .iter()
             .position(|f| f.pid == pid && f.state == state)?;
         self.inflight.remove(i)
+    }
+
+    /// Going offline: QoS 0 messages are not kept for an offline session.
+    pub fn drop_volatile(&mut self) {
+        self.queue.retain(|q| q.qos != QoS::AtMostOnce);
     }
 }

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use super::sleep_until_opt;
 use crate::hub::{ConnId, Hub, HubInput, Outlet};
 use crate::proto::mqtt::{Packet, Version};
+use crate::store::Outcome;
 use crate::systemd;
 
 /// How often the STATUS= line that `systemctl status` shows is refreshed.
@@ -125,13 +126,26 @@ fn unwrap_packet(item: LinkItem) -> Packet {
 
 /// Runs the hub until a `Shutdown` message has been handled and every connection has gone (or
 /// `grace` has passed).
-pub async fn run(mut hub: Hub, mut rx: mpsc::Receiver<HubMsg>, grace: Duration) {
+pub async fn run(
+    mut hub: Hub,
+    mut rx: mpsc::Receiver<HubMsg>,
+    mut commits: mpsc::Receiver<(u64, Outcome)>,
+    grace: Duration,
+) {
     let mut links = Links(HashMap::new());
     let mut done: Option<(oneshot::Sender<()>, Instant)> = None;
     let mut status = tokio::time::interval(STATUS_EVERY);
     loop {
         let wake = hub.poll_timeout().map(Instant::from_std);
         let msg = tokio::select! {
+            // Completions first: they release acks, and taking them before new input is what
+            // keeps the completion channel from ever filling.
+            biased;
+            Some((token, outcome)) = commits.recv() => {
+                let input = HubInput::Committed { token, outcome };
+                hub.handle(Instant::now().into_std(), input, &mut links);
+                continue;
+            }
             m = rx.recv() => m,
             _ = sleep_until_opt(wake) => {
                 hub.handle_timeout(Instant::now().into_std(), &mut links);

@@ -3,9 +3,11 @@
 //!
 //! - `hub_task`: the tokio task that owns the `Hub`, and the bounded links to connections.
 //! - `mqtt_listener`: TCP accept loop and one task per MQTT connection.
+//! - `store_link`: the hub's `Durable` over the SQLite store, and commit completions.
 
 pub mod hub_task;
 pub mod mqtt_listener;
+pub mod store_link;
 
 use tokio::time::Instant;
 

@@ -204,8 +204,10 @@ pub struct StoredRetained {
 /// One durable effect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// Add a message; answers `Inserted(id)`, or `Full` under `WhenFull::Block`.
-    Insert(NewMessage),
+    /// Add a message; answers `Inserted(id)`, or `Full` under `WhenFull::Block`. The hub passes
+    /// the id it allocated (so it can queue a delete before the insert has committed); `None`
+    /// lets SQLite choose.
+    Insert { id: Option<i64>, msg: NewMessage },
     /// Remove a message (acknowledged, or dropped).
     Delete(i64),
     /// Record how far a message's exchange has got (the persisted QoS 2 state).
@@ -494,6 +496,20 @@ impl Store {
                 })
             })?;
             rows.collect()
+        })
+    }
+
+    /// The highest message id ever allocated (ids are never reused).
+    pub fn max_id(&self) -> Result<i64, StoreError> {
+        self.read(|c| {
+            let seq: Option<i64> = c
+                .query_row(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'messages'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(seq.unwrap_or(0))
         })
     }
 

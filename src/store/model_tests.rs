@@ -141,7 +141,7 @@ fn run(steps: Vec<Step>, when_full: WhenFull) -> Result<(), TestCaseError> {
                 };
                 let want = model.insert(m.clone());
                 let got = store
-                    .submit_wait(vec![Op::Insert(m)])
+                    .submit_wait(vec![Op::Insert { id: None, msg: m }])
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(got, vec![want]);
             }
@@ -249,7 +249,10 @@ fn group_commit_batches_concurrent_requests() {
             expires_ms: None,
         };
         store
-            .submit(vec![Op::Insert(m)], Box::new(move |o| tx.send(o).unwrap()))
+            .submit(
+                vec![Op::Insert { id: None, msg: m }],
+                Box::new(move |o| tx.send(o).unwrap()),
+            )
             .unwrap();
     }
     let mut ids = Vec::new();
@@ -319,19 +322,27 @@ fn sessions_subscriptions_retained_survive_reopen() {
                 received_ms: 1,
                 expires_ms: None,
             }),
-            Op::Insert(NewMessage {
-                dest: Dest::Session("c".into()),
-                topic: "a/b".into(),
-                payload: Bytes::from_static(b"q"),
-                qos: 1,
-                retain: false,
-                props: Bytes::new(),
-                sub_ids: Bytes::new(),
-                received_ms: 1,
-                expires_ms: None,
-            }),
+            Op::Insert {
+                id: Some(41),
+                msg: NewMessage {
+                    dest: Dest::Session("c".into()),
+                    topic: "a/b".into(),
+                    payload: Bytes::from_static(b"q"),
+                    qos: 1,
+                    retain: false,
+                    props: Bytes::new(),
+                    sub_ids: Bytes::new(),
+                    received_ms: 1,
+                    expires_ms: None,
+                },
+            },
         ])
         .unwrap();
+    assert_eq!(
+        store.max_id().unwrap(),
+        41,
+        "an explicit id moves the sequence"
+    );
     store.close();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
     assert_eq!(store.sessions().unwrap().len(), 1);

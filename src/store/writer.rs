@@ -110,7 +110,7 @@ fn apply(
     t: &mut Totals,
 ) -> rusqlite::Result<OpResult> {
     Ok(match op {
-        Op::Insert(m) => {
+        Op::Insert { id, msg: m } => {
             let b = m.bytes();
             if t.messages + 1 > cfg.max_messages || t.bytes + b > cfg.max_bytes {
                 if cfg.when_full == WhenFull::Block || b > cfg.max_bytes {
@@ -119,9 +119,9 @@ fn apply(
                 evict_until_fits(tx, cfg, t, b)?;
             }
             tx.prepare_cached(
-                "INSERT INTO messages (kind, dest, topic, payload, qos, retain, props, sub_ids,
+                "INSERT INTO messages (id, kind, dest, topic, payload, qos, retain, props, sub_ids,
                                        received_ms, expires_ms, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 m.dest.kind(),
@@ -134,7 +134,8 @@ fn apply(
                 &m.sub_ids[..],
                 m.received_ms,
                 m.expires_ms,
-                b as i64
+                b as i64,
+                id
             ])?;
             t.messages += 1;
             t.bytes += b;

@@ -91,6 +91,19 @@ impl Outpost {
         }
     }
 
+    /// SIGKILL, as a power cut or a crash would; returns the data directory for a restart.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let spare = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, spare)
+    }
+
+    /// Starts again on a data directory from `crash`, with the same config file.
+    pub fn restart(dir: tempfile::TempDir, extra: &str) -> Outpost {
+        Self::start_in(dir, extra)
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }

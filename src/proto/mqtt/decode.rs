@@ -297,6 +297,17 @@ fn decode_properties(r: &mut Reader<'_>, context: u16) -> Result<Props, DecodeEr
     Ok(props.into())
 }
 
+/// Reads back what `encode::properties_bytes` wrote for a PUBLISH or a will.
+pub fn stored_properties(buf: &[u8]) -> Result<Props, DecodeError> {
+    if buf.is_empty() {
+        return Ok(Props::default());
+    }
+    let mut r = Reader::new(buf);
+    let p = decode_properties(&mut r, PUBLISH | WILL)?;
+    r.finish()?;
+    Ok(p)
+}
+
 /// Every byte-valued property the spec defines is 0 or 1.
 fn bool_byte(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
     match r.u8()? {

@@ -287,6 +287,16 @@ pub fn properties_len(p: &Properties) -> usize {
         + n1(&p.shared_subscription_available)
 }
 
+/// A property set as stored by the durable store: the wire encoding with its length prefix.
+pub fn properties_bytes(p: &Properties) -> Vec<u8> {
+    if p.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(properties_len(p) + 4);
+    put_properties(&mut out, p);
+    out
+}
+
 fn put_properties(out: &mut Vec<u8>, p: &Properties) {
     put_varint(out, properties_len(p) as u32);
     let u8p = |out: &mut Vec<u8>, id: u8, v: Option<u8>| {

@@ -1,0 +1,133 @@
+//! What the hub needs from durable storage, and the conversions between hub messages and store
+//! rows. A trait keeps the hub sans-IO: the runtime implements it over `store::Store`, tests
+//! over a real store in a temporary directory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::message::{Message, Origin};
+use crate::proto::mqtt::{decode::stored_properties, encode::properties_bytes, QoS};
+use crate::store::{Dest, NewMessage, Op, StoredMessage, StoredRetained};
+
+/// Durable storage as the hub uses it.
+pub trait Durable: Send {
+    /// Queues `ops` for commit. `token` is handed back with `HubInput::Committed` once they have
+    /// committed (or failed); token 0 asks for no answer.
+    fn submit(&mut self, token: u64, ops: Vec<Op>);
+    /// Up to `limit` committed messages queued for `client` with ids above `after`, in order.
+    fn read_queue(&mut self, client: &str, after: i64, limit: usize) -> Vec<StoredMessage>;
+}
+
+/// Converts between the hub's monotonic clock and the Unix milliseconds the store keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    mono: Instant,
+    unix_ms: i64,
+}
+
+impl Clock {
+    /// Pins `mono` to `unix_ms`; the runtime reads both once at startup.
+    pub fn new(mono: Instant, unix_ms: i64) -> Self {
+        Clock { mono, unix_ms }
+    }
+
+    /// Unix milliseconds at `now`.
+    pub fn unix_ms(&self, now: Instant) -> i64 {
+        match now.checked_duration_since(self.mono) {
+            Some(d) => self.unix_ms + d.as_millis().min(i64::MAX as u128 / 2) as i64,
+            None => self.unix_ms - self.mono.duration_since(now).as_millis() as i64,
+        }
+    }
+
+    /// The `Instant` that corresponds to `unix_ms` (saturating at `now` for the past).
+    pub fn instant(&self, unix_ms: i64, now: Instant) -> Instant {
+        let now_ms = self.unix_ms(now);
+        if unix_ms <= now_ms {
+            now
+        } else {
+            now + Duration::from_millis((unix_ms - now_ms) as u64)
+        }
+    }
+}
+
+/// The row for one delivery of `msg` to a persistent session.
+pub fn session_row(
+    client: &str,
+    msg: &Message,
+    qos: QoS,
+    retain: bool,
+    sub_ids: &[u32],
+    clock: &Clock,
+) -> NewMessage {
+    let mut ids = Vec::with_capacity(sub_ids.len() * 4);
+    for id in sub_ids {
+        ids.extend_from_slice(&id.to_le_bytes());
+    }
+    NewMessage {
+        dest: Dest::Session(client.to_owned()),
+        topic: msg.topic.clone(),
+        payload: msg.payload.clone(),
+        qos: qos as u8,
+        retain,
+        props: Bytes::from(properties_bytes(&msg.properties)),
+        sub_ids: Bytes::from(ids),
+        received_ms: clock.unix_ms(msg.received_at),
+        expires_ms: msg.expires_at.map(|e| clock.unix_ms(e)),
+    }
+}
+
+/// A stored delivery back as a message. `None` for a row that no longer decodes, which only
+/// a damaged or hand-edited database can hold; the caller drops it.
+pub fn from_row(
+    row: &StoredMessage,
+    clock: &Clock,
+    now: Instant,
+) -> Option<(Arc<Message>, QoS, Vec<u32>)> {
+    let m = &row.msg;
+    let qos = QoS::from_bits(m.qos)?;
+    let properties = stored_properties(&m.props).ok()?;
+    let sub_ids = m
+        .sub_ids
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let msg = Message {
+        topic: m.topic.clone(),
+        payload: m.payload.clone(),
+        qos,
+        retain: m.retain,
+        properties,
+        origin: Origin::Restored,
+        received_at: now,
+        expires_at: m.expires_ms.map(|e| clock.instant(e, now)),
+    };
+    Some((Arc::new(msg), qos, sub_ids))
+}
+
+/// The retained row for `msg`.
+pub fn retained_row(msg: &Message, clock: &Clock) -> StoredRetained {
+    StoredRetained {
+        topic: msg.topic.clone(),
+        payload: msg.payload.clone(),
+        qos: msg.qos as u8,
+        props: Bytes::from(properties_bytes(&msg.properties)),
+        received_ms: clock.unix_ms(msg.received_at),
+        expires_ms: msg.expires_at.map(|e| clock.unix_ms(e)),
+    }
+}
+
+/// A retained row back as a message.
+pub fn from_retained(r: &StoredRetained, clock: &Clock, now: Instant) -> Option<Arc<Message>> {
+    Some(Arc::new(Message {
+        topic: r.topic.clone(),
+        payload: r.payload.clone(),
+        qos: QoS::from_bits(r.qos)?,
+        retain: true,
+        properties: stored_properties(&r.props).ok()?,
+        origin: Origin::Restored,
+        received_at: now,
+        expires_at: r.expires_ms.map(|e| clock.instant(e, now)),
+    }))
+}
