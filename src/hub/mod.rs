@@ -127,6 +127,8 @@ pub struct Routed {
     pub ops: Vec<Op>,
     /// Sessions whose copy went to the store only (their tail).
     pub tails: Vec<Arc<str>>,
+    /// The store rows it created, by session: taken back if the commit is refused.
+    pub rows: Vec<(Arc<str>, i64)>,
 }
 
 /// Something released when a commit completes.
@@ -137,6 +139,8 @@ struct Pending {
     tails: Vec<Arc<str>>,
     /// Whose unacknowledged-publish count this reply decrements.
     publisher: Option<Arc<str>>,
+    /// Rows created for this commit, by session; removed from the RAM queues if it is refused.
+    rows: Vec<(Arc<str>, i64)>,
 }
 
 /// How often expired and over-age messages are deleted from the store.
@@ -365,6 +369,15 @@ impl Hub {
                 true
             }
         };
+        if refused {
+            // The message was not accepted: stored sessions must not get it either. (Copies
+            // already handed to a connection, or to sessions that are not stored, are gone.)
+            for (client, row) in &p.rows {
+                if let Some(s) = self.sessions.get_mut(client) {
+                    s.queue.retain(|q| q.row != Some(*row));
+                }
+            }
+        }
         let Some((conn, mut packet)) = p.reply else {
             return;
         };
@@ -651,6 +664,7 @@ impl Hub {
                         reply: Some((conn, comp)),
                         tails: Vec::new(),
                         publisher: None,
+                        rows: Vec::new(),
                     };
                     self.submit_gated(now, vec![op], pending, out);
                 } else {
@@ -803,6 +817,7 @@ impl Hub {
             reply: Some((conn, reply)),
             tails: routed.tails,
             publisher: Some(id.clone()),
+            rows: routed.rows,
         };
         self.submit_gated(now, routed.ops, pending, out);
     }
@@ -884,6 +899,7 @@ impl Hub {
                     id: Some(id),
                     msg: row,
                 });
+                routed.rows.push((client.clone(), id));
                 item.row = Some(id);
             }
             match s.enqueue(item, &self.cfg, &mut self.stats) {
@@ -976,6 +992,7 @@ impl Hub {
             reply: Some((conn, ack)),
             tails: Vec::new(),
             publisher: None,
+            rows: Vec::new(),
         };
         self.submit_gated(now, ops, pending, out);
     }
@@ -1121,6 +1138,7 @@ impl Hub {
                 reply: None,
                 tails: routed.tails,
                 publisher: None,
+                rows: routed.rows,
             };
             self.submit_gated(now, routed.ops, pending, out);
         }

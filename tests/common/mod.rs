@@ -31,10 +31,20 @@ impl Outpost {
 
     /// Starts with extra environment variables (for example NOTIFY_SOCKET).
     pub fn start_env(dir: tempfile::TempDir, extra: &str, env: &[(&str, &str)]) -> Outpost {
+        let data = dir.path().join("data");
+        Self::launch(dir, &data, extra, env)
+    }
+
+    /// Starts with the data directory somewhere else (a small tmpfs, say).
+    pub fn start_in_data(dir: tempfile::TempDir, data: &Path, extra: &str) -> Outpost {
+        Self::launch(dir, data, extra, &[])
+    }
+
+    fn launch(dir: tempfile::TempDir, data: &Path, extra: &str, env: &[(&str, &str)]) -> Outpost {
         let cfg = dir.path().join("outpost.toml");
         let text = format!(
             "[gateway]\nid = \"test\"\ndata_dir = \"{}\"\n\n[[listener]]\nkind = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\n{extra}",
-            dir.path().join("data").display()
+            data.display()
         );
         std::fs::write(&cfg, text).expect("write config");
         // systemd sets WATCHDOG_PID to the service's own pid; a shell that execs outpost
