@@ -255,3 +255,88 @@ async fn acknowledged_messages_survive_random_kill_9() {
     // QoS 1 may repeat only what was in flight at a crash: at most the window per crash.
     assert!(dup1 <= KILLS * 20, "{dup1} QoS 1 duplicates");
 }
+
+fn mosq(tool: &str, port: u16, args: &[&str]) -> String {
+    let (_, out) = common::run(
+        std::process::Command::new(common::tool(tool))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args),
+        Duration::from_secs(10),
+    );
+    out
+}
+
+/// Session expiry and message expiry keep counting across a kill -9: the clock they use is
+/// stored as wall-clock time, not as time since start.
+#[test]
+fn session_and_message_expiry_survive_restart() {
+    let o = Outpost::start("");
+    for (id, expiry) in [("exp-short", "2"), ("exp-long", "600")] {
+        mosq(
+            "mosquitto_sub",
+            o.port,
+            &[
+                "-V", "5", "-c", "-i", id, "-x", expiry, "-q", "1", "-t", "exp/#", "-E",
+            ],
+        );
+    }
+    mosq(
+        "mosquitto_pub",
+        o.port,
+        &[
+            "-V",
+            "5",
+            "-q",
+            "1",
+            "-t",
+            "exp/a",
+            "-m",
+            "short-lived",
+            "-D",
+            "publish",
+            "message-expiry-interval",
+            "2",
+        ],
+    );
+    mosq(
+        "mosquitto_pub",
+        o.port,
+        &["-V", "5", "-q", "1", "-t", "exp/a", "-m", "long-lived"],
+    );
+    let dir = o.crash();
+    std::thread::sleep(Duration::from_millis(3500));
+    let o = Outpost::restart(dir, "");
+    let short = mosq(
+        "mosquitto_sub",
+        o.port,
+        &[
+            "-V",
+            "5",
+            "-c",
+            "-i",
+            "exp-short",
+            "-x",
+            "2",
+            "-q",
+            "1",
+            "-t",
+            "exp/none",
+            "-W",
+            "2",
+        ],
+    );
+    assert_eq!(short, "", "the expired session's queue is gone");
+    let long = mosq(
+        "mosquitto_sub",
+        o.port,
+        &[
+            "-V", "5", "-c", "-i", "exp-long", "-x", "600", "-q", "1", "-t", "exp/#", "-W", "2",
+        ],
+    );
+    assert_eq!(
+        long,
+        "long-lived\n",
+        "the expired message is not delivered; log:\n{}",
+        o.log()
+    );
+}
