@@ -190,6 +190,136 @@ async fn one_to_one(port: u16, qos: QoS, n: usize, run: usize) -> f64 {
     got as f64 / last.duration_since(start).as_secs_f64()
 }
 
+/// Durable ingest: an offline persistent session subscribes to the topic, so every QoS 1
+/// message must be stored before its PUBACK (outpost: committed to SQLite; mosquitto: kept in
+/// memory only). Returns PUBACKs per second seen by the publisher.
+async fn durable_ingest(port: u16, n: usize, run: usize) -> f64 {
+    let topic = format!("ingest/{run}");
+    let mut so = MqttOptions::new(format!("ingest-sub-{run}"), "127.0.0.1", port);
+    so.set_clean_session(false);
+    let (sub, mut sub_ev) = AsyncClient::new(so, 10);
+    sub.subscribe(&topic, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = sub_ev.poll().await {
+            break;
+        }
+    }
+    let _ = sub.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while sub_ev.poll().await.is_ok() {}
+    })
+    .await;
+    let mut po = MqttOptions::new(format!("ingest-pub-{run}"), "127.0.0.1", port);
+    po.set_inflight(100);
+    po.set_keep_alive(Duration::from_secs(60));
+    let (publisher, mut ev) = AsyncClient::new(po, 1000);
+    let payload = vec![b'x'; 64];
+    let start = Instant::now();
+    let sender = tokio::spawn(async move {
+        for _ in 0..n {
+            if publisher
+                .publish(topic.as_str(), QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        publisher
+    });
+    let mut acks = 0usize;
+    while acks < n {
+        match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acks += 1,
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = sender.await;
+    acks as f64 / secs
+}
+
+/// Start to READY (listener accepting) with `rows` messages queued for one offline session.
+fn start_to_ready(rows: usize, runs: usize) -> Vec<f64> {
+    use outpost::store::{Dest, NewMessage, Op, Store, StoreConfig, StoredSession};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    {
+        let store = Store::open(
+            &data,
+            StoreConfig {
+                synchronous: outpost::store::Synchronous::Normal,
+                max_messages: rows as u64 + 1,
+                ..StoreConfig::default()
+            },
+        )
+        .expect("store");
+        store
+            .submit_wait(vec![Op::SessionPut(StoredSession {
+                client_id: "backlog".into(),
+                version: 4,
+                expiry: u32::MAX,
+                expires_ms: None,
+                will: None,
+            })])
+            .expect("session");
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        for chunk in 0..rows.div_ceil(10_000) {
+            let ops = (0..10_000.min(rows - chunk * 10_000))
+                .map(|_| Op::Insert {
+                    id: None,
+                    msg: NewMessage {
+                        dest: Dest::Session("backlog".into()),
+                        topic: "backlog/t".into(),
+                        payload: bytes::Bytes::from_static(&[b'x'; 64]),
+                        qos: 1,
+                        retain: false,
+                        props: bytes::Bytes::new(),
+                        sub_ids: bytes::Bytes::new(),
+                        received_ms: now_ms,
+                        expires_ms: None,
+                    },
+                })
+                .collect();
+            store.submit_wait(ops).expect("insert");
+        }
+        store.close();
+    }
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let port = free_port();
+        let cfg = dir.path().join("outpost.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[[listener]]\nkind = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\n[store]\nmax_messages = {}\n",
+                data.display(),
+                rows + 1
+            ),
+        )
+        .expect("config");
+        let t = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn outpost");
+        wait_listening(port);
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    times
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -239,4 +369,33 @@ fn main() {
             results[0] / results[1]
         );
     }
+    let mut results = Vec::new();
+    for make in [outpost as fn() -> Broker, mosquitto] {
+        let b = make();
+        let rates: Vec<f64> = (0..a.runs)
+            .map(|run| rt.block_on(durable_ingest(b.port, a.messages / 5, run)))
+            .collect();
+        eprintln!(
+            "  {} durable ingest: {:?}",
+            b.name,
+            rates.iter().map(|r| *r as u64).collect::<Vec<_>>()
+        );
+        results.push(median(rates));
+    }
+    println!(
+        "{:<22} {:>14.0} {:>14.0} {:>8.2}   (outpost: on disk, synchronous=full; mosquitto: in memory)",
+        "QoS 1 to offline sess.",
+        results[0],
+        results[1],
+        results[0] / results[1]
+    );
+    let times = start_to_ready(1_000_000, 5);
+    eprintln!(
+        "  start to READY with 1M queued: {:?} ms",
+        times.iter().map(|t| *t as u64).collect::<Vec<_>>()
+    );
+    println!(
+        "start to READY, 1,000,000 queued messages: median {:.0} ms (outpost only)",
+        median(times)
+    );
 }
