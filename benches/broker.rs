@@ -81,8 +81,9 @@ fn outpost() -> Broker {
     std::fs::write(
         &cfg,
         format!(
-            "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[[listener]]\nkind = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\n[limits]\nmax_queued = 1000000\n",
-            dir.path().join("data").display()
+            "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[[listener]]\nkind = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\n[limits]\nmax_queued = 1000000\n{}",
+            dir.path().join("data").display(),
+            std::env::var("OUTPOST_BENCH_EXTRA").unwrap_or_default().replace("\\n", "\n")
         ),
     )
     .expect("config");
@@ -338,6 +339,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let only_durable = std::env::args().any(|a| a == "--durable-only");
     println!(
         "1 publisher -> 1 subscriber, 64-byte payloads, {} messages, median of {} runs",
         a.messages, a.runs
@@ -346,7 +348,12 @@ fn main() {
         "{:<22} {:>14} {:>14} {:>8}",
         "scenario", "outpost msg/s", "mosquitto msg/s", "ratio"
     );
-    for (label, qos) in [("QoS 0", QoS::AtMostOnce), ("QoS 1", QoS::AtLeastOnce)] {
+    let live: &[(&str, QoS)] = if only_durable {
+        &[]
+    } else {
+        &[("QoS 0", QoS::AtMostOnce), ("QoS 1", QoS::AtLeastOnce)]
+    };
+    for &(label, qos) in live {
         let mut results = Vec::new();
         for make in [outpost as fn() -> Broker, mosquitto] {
             let b = make();
@@ -389,6 +396,9 @@ fn main() {
         results[1],
         results[0] / results[1]
     );
+    if only_durable {
+        return;
+    }
     let times = start_to_ready(1_000_000, 5);
     eprintln!(
         "  start to READY with 1M queued: {:?} ms",

@@ -3,9 +3,10 @@
 //! messages.
 //!
 //! One writer thread owns the write connection and commits everything submitted to it in
-//! batches (group commit): a batch commits when it holds `max_batch` requests or when
-//! `commit_interval` has passed since its first request, whichever comes first; only then is each
-//! request's completion called. Callers never wait on fsync; they wait for their completion.
+//! batches (group commit): a batch takes every request already waiting and commits when none
+//! is left, when it holds `max_batch` requests, or when `commit_interval` has passed since its
+//! first request, whichever comes first; only then is each request's completion called.
+//! Requests that arrive during a commit's fsync make up the next batch. Callers never wait on fsync; they wait for their completion.
 //! Reads use their own connection (WAL: readers never block the writer). The store has no clock:
 //! times are Unix milliseconds handed in with each operation.
 

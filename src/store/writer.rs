@@ -3,7 +3,7 @@
 //! It owns the only write connection. A failed batch (a full disk above all) is rolled back
 //! whole, so the database never holds half a batch, and every request in it is told.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -21,12 +21,16 @@ pub(super) fn run(
     // recv() fails only when every sender is gone: shutdown, after the queue drained.
     while let Ok(first) = rx.recv() {
         batch.push(first);
+        // Group commit: take what is already waiting, and commit as soon as nothing more is.
+        // Requests that arrive during this commit's fsync form the next batch. Waiting for
+        // stragglers would only add latency: a publisher's inflight window is bounded, so its
+        // next messages come after our acks. `commit_interval` caps how long a batch stays open
+        // while requests keep streaming in, so a steady stream cannot postpone every commit.
         let deadline = Instant::now() + cfg.commit_interval;
-        while batch.len() < cfg.max_batch {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
+        while batch.len() < cfg.max_batch && Instant::now() < deadline {
+            match rx.try_recv() {
                 Ok(r) => batch.push(r),
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(_) => break,
             }
         }
         let start = *totals.lock().unwrap_or_else(|e| e.into_inner());
