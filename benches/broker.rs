@@ -321,6 +321,28 @@ fn start_to_ready(rows: usize, runs: usize) -> Vec<f64> {
     times
 }
 
+/// Runs `scenario` `runs` times on each broker and prints one row: both medians and the ratio.
+fn side_by_side(label: &str, note: &str, runs: usize, mut scenario: impl FnMut(u16, usize) -> f64) {
+    let mut medians = Vec::new();
+    for make in [outpost as fn() -> Broker, mosquitto] {
+        let b = make();
+        let rates: Vec<f64> = (0..runs).map(|run| scenario(b.port, run)).collect();
+        eprintln!(
+            "  {} {label}: {:?}",
+            b.name,
+            rates.iter().map(|r| *r as u64).collect::<Vec<_>>()
+        );
+        medians.push(median(rates));
+    }
+    println!(
+        "{:<22} {:>14.0} {:>14.0} {:>8.2}{note}",
+        label,
+        medians[0],
+        medians[1],
+        medians[0] / medians[1]
+    );
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -354,47 +376,15 @@ fn main() {
         &[("QoS 0", QoS::AtMostOnce), ("QoS 1", QoS::AtLeastOnce)]
     };
     for &(label, qos) in live {
-        let mut results = Vec::new();
-        for make in [outpost as fn() -> Broker, mosquitto] {
-            let b = make();
-            let mut rates = Vec::new();
-            for run in 0..a.runs {
-                rates.push(rt.block_on(one_to_one(b.port, qos, a.messages, run)));
-            }
-            eprintln!(
-                "  {} {label}: {:?}",
-                b.name,
-                rates.iter().map(|r| *r as u64).collect::<Vec<_>>()
-            );
-            results.push(median(rates));
-        }
-        println!(
-            "{:<22} {:>14.0} {:>14.0} {:>8.2}",
-            format!("1->1 {label}"),
-            results[0],
-            results[1],
-            results[0] / results[1]
-        );
+        side_by_side(&format!("1->1 {label}"), "", a.runs, |port, run| {
+            rt.block_on(one_to_one(port, qos, a.messages, run))
+        });
     }
-    let mut results = Vec::new();
-    for make in [outpost as fn() -> Broker, mosquitto] {
-        let b = make();
-        let rates: Vec<f64> = (0..a.runs)
-            .map(|run| rt.block_on(durable_ingest(b.port, a.messages / 5, run)))
-            .collect();
-        eprintln!(
-            "  {} durable ingest: {:?}",
-            b.name,
-            rates.iter().map(|r| *r as u64).collect::<Vec<_>>()
-        );
-        results.push(median(rates));
-    }
-    println!(
-        "{:<22} {:>14.0} {:>14.0} {:>8.2}   (outpost: on disk, synchronous=full; mosquitto: in memory)",
+    side_by_side(
         "QoS 1 to offline sess.",
-        results[0],
-        results[1],
-        results[0] / results[1]
+        "   (outpost: on disk, synchronous=full; mosquitto: in memory)",
+        a.runs,
+        |port, run| rt.block_on(durable_ingest(port, a.messages / 5, run)),
     );
     if only_durable {
         return;

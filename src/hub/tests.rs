@@ -75,6 +75,17 @@ fn connect(v: Version, id: &str, clean: bool) -> Connect {
     }
 }
 
+/// A will on `topic` with `payload` at `qos`, no properties.
+fn will(topic: &str, payload: &'static [u8], qos: QoS) -> Option<Will> {
+    Some(Will {
+        topic: topic.into(),
+        payload: Bytes::from_static(payload),
+        qos,
+        retain: false,
+        properties: Props::default(),
+    })
+}
+
 fn opts(q: QoS) -> SubOptions {
     SubOptions {
         qos: q,
@@ -254,13 +265,7 @@ fn will_on_abnormal_close_not_on_disconnect() {
     t.subscribe(1, "will/#", opts(QoS::AtLeastOnce), None);
     for (conn, reason, expect) in [(2, LOST, 1), (3, BYE, 0)] {
         let mut c = connect(Version::V311, "dier", true);
-        c.will = Some(Will {
-            topic: "will/dier".into(),
-            payload: Bytes::from_static(b"gone"),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: Props::default(),
-        });
+        c.will = will("will/dier", b"gone", QoS::AtLeastOnce);
         t.connect_with(conn, c);
         t.close(conn, reason.clone());
         assert_eq!(t.out.publishes(1).len(), expect, "{reason:?}");
@@ -312,13 +317,7 @@ fn disconnect_with_will_publishes_it() {
     t.connect(1, Version::V5, "watch", true);
     t.subscribe(1, "w", opts(QoS::AtMostOnce), None);
     let mut c = connect(Version::V5, "d", true);
-    c.will = Some(Will {
-        topic: "w".into(),
-        payload: Bytes::from_static(b"x"),
-        qos: QoS::AtMostOnce,
-        retain: false,
-        properties: Props::default(),
-    });
+    c.will = will("w", b"x", QoS::AtMostOnce);
     t.connect_with(2, c);
     t.close(
         2,
@@ -568,13 +567,7 @@ fn shutdown_publishes_wills_and_closes_everyone() {
     t.connect(1, Version::V5, "watch", true);
     t.subscribe(1, "w", opts(QoS::AtMostOnce), None);
     let mut c = connect(Version::V311, "d", true);
-    c.will = Some(Will {
-        topic: "w".into(),
-        payload: Bytes::from_static(b"x"),
-        qos: QoS::AtMostOnce,
-        retain: false,
-        properties: Props::default(),
-    });
+    c.will = will("w", b"x", QoS::AtMostOnce);
     t.connect_with(2, c);
     t.hub.shutdown(t.now, &mut t.out);
     assert_eq!(t.out.publishes(1).len(), 1);

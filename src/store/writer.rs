@@ -242,24 +242,32 @@ fn apply(
         }
         Op::Expire { now_ms } => {
             let oldest_kept = now_ms - cfg.max_age.as_millis().min(i64::MAX as u128) as i64;
-            let (n, b): (i64, i64) = tx
-                .prepare_cached(
-                    "SELECT count(*), coalesce(sum(bytes), 0) FROM messages
-                     WHERE expires_ms <= ?1 OR received_ms < ?2",
-                )?
-                .query_row(params![now_ms, oldest_kept], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            if n > 0 {
-                tx.prepare_cached(
-                    "DELETE FROM messages WHERE expires_ms <= ?1 OR received_ms < ?2",
-                )?
-                .execute(params![now_ms, oldest_kept])?;
+            // Two deletes, each on its own index: an OR across both would scan every row.
+            let mut n = 0u64;
+            let mut b = 0u64;
+            for (sql, bound) in [
+                (
+                    "DELETE FROM messages WHERE expires_ms <= ?1 RETURNING bytes",
+                    *now_ms,
+                ),
+                (
+                    "DELETE FROM messages WHERE received_ms < ?1 RETURNING bytes",
+                    oldest_kept,
+                ),
+            ] {
+                let mut st = tx.prepare_cached(sql)?;
+                let mut rows = st.query([bound])?;
+                while let Some(r) = rows.next()? {
+                    n += 1;
+                    b += r.get::<_, i64>(0)? as u64;
+                }
             }
             tx.prepare_cached("DELETE FROM retained WHERE expires_ms <= ?1")?
                 .execute([now_ms])?;
-            t.messages -= n as u64;
-            t.bytes -= b as u64;
-            t.expired += n as u64;
-            OpResult::Expired(n as u64)
+            t.messages -= n;
+            t.bytes -= b;
+            t.expired += n;
+            OpResult::Expired(n)
         }
     })
 }
