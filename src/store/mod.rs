@@ -128,13 +128,6 @@ impl Dest {
             Dest::Outbox(n) | Dest::Session(n) => n,
         }
     }
-    fn from_row(kind: i64, name: String) -> Dest {
-        if kind == 0 {
-            Dest::Outbox(name)
-        } else {
-            Dest::Session(name)
-        }
-    }
 }
 
 /// A message to make durable.
@@ -421,21 +414,6 @@ impl Store {
         })
     }
 
-    /// Every destination that has messages, with how many: cheap, for startup and status.
-    pub fn destinations(&self) -> Result<Vec<(Dest, u64)>, StoreError> {
-        self.read(|c| {
-            let mut st =
-                c.prepare("SELECT kind, dest, count(*) FROM messages GROUP BY kind, dest")?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    Dest::from_row(r.get(0)?, r.get(1)?),
-                    r.get::<_, i64>(2)? as u64,
-                ))
-            })?;
-            rows.collect()
-        })
-    }
-
     /// All sessions.
     pub fn sessions(&self) -> Result<Vec<StoredSession>, StoreError> {
         self.read(|c| {
@@ -511,14 +489,6 @@ impl Store {
                 )
                 .optional()?;
             Ok(seq.unwrap_or(0))
-        })
-    }
-
-    /// One message by id, if it still exists.
-    pub fn message(&self, id: i64) -> Result<Option<i64>, StoreError> {
-        self.read(|c| {
-            c.query_row("SELECT id FROM messages WHERE id = ?1", [id], |r| r.get(0))
-                .optional()
         })
     }
 
