@@ -265,6 +265,7 @@ fn start_to_ready(rows: usize, runs: usize) -> Vec<f64> {
                 expiry: u32::MAX,
                 expires_ms: None,
                 will: None,
+                will_due_ms: None,
             })])
             .expect("session");
         let now_ms = std::time::SystemTime::now()

@@ -340,3 +340,47 @@ fn session_and_message_expiry_survive_restart() {
         o.log()
     );
 }
+
+/// A client connected with a will when outpost is killed: its connection ended abnormally, so
+/// after the restart its will is published, once (a second restart does not repeat it).
+#[test]
+fn will_of_a_client_connected_at_the_crash_is_published_once() {
+    let o = Outpost::start("");
+    mosq(
+        "mosquitto_sub",
+        o.port,
+        &["-c", "-i", "will-watch", "-q", "1", "-t", "wills/#", "-E"],
+    );
+    let dier = common::spawn(
+        std::process::Command::new(common::tool("mosquitto_sub"))
+            .args(["-h", "127.0.0.1", "-p", &o.port.to_string()])
+            .args(["-c", "-i", "dier", "-t", "x", "--will-topic", "wills/dier"])
+            .args(["--will-payload", "gone", "--will-qos", "1"]),
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let dir = o.crash();
+    let mut dier = dier;
+    let _ = dier.kill();
+    let _ = dier.wait();
+    let o = Outpost::restart(dir, "");
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = o.crash();
+    let o = Outpost::restart(dir, "");
+    let got = mosq(
+        "mosquitto_sub",
+        o.port,
+        &[
+            "-c",
+            "-i",
+            "will-watch",
+            "-q",
+            "1",
+            "-t",
+            "wills/#",
+            "-v",
+            "-W",
+            "2",
+        ],
+    );
+    assert_eq!(got, "wills/dier gone\n", "log:\n{}", o.log());
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::message::{Message, Origin};
-use crate::proto::mqtt::{decode::stored_properties, encode::properties_bytes, QoS};
+use crate::proto::mqtt::{decode::stored_properties, encode::properties_bytes, QoS, Will};
 use crate::store::{Dest, NewMessage, Op, StoredMessage, StoredRetained};
 
 /// Durable storage as the hub uses it.
@@ -130,4 +130,67 @@ pub fn from_retained(r: &StoredRetained, clock: &Clock, now: Instant) -> Option<
         received_at: now,
         expires_at: r.expires_ms.map(|e| clock.instant(e, now)),
     }))
+}
+
+/// A will as the session row keeps it: flags, topic, payload, then the will properties.
+pub fn encode_will(w: &Will) -> Bytes {
+    let mut out = Vec::with_capacity(7 + w.topic.len() + w.payload.len());
+    out.push(w.qos as u8 | (w.retain as u8) << 2);
+    out.extend_from_slice(&(w.topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(w.topic.as_bytes());
+    out.extend_from_slice(&(w.payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&w.payload);
+    out.extend_from_slice(&properties_bytes(&w.properties));
+    Bytes::from(out)
+}
+
+/// Reads back `encode_will`; `None` for bytes it did not write.
+pub fn decode_will(b: &[u8]) -> Option<Will> {
+    let (&flags, rest) = b.split_first()?;
+    let (tl, rest) = rest.split_at_checked(2)?;
+    let (topic, rest) = rest.split_at_checked(u16::from_be_bytes([tl[0], tl[1]]) as usize)?;
+    let (pl, rest) = rest.split_at_checked(4)?;
+    let (payload, props) =
+        rest.split_at_checked(u32::from_be_bytes([pl[0], pl[1], pl[2], pl[3]]) as usize)?;
+    Some(Will {
+        topic: std::str::from_utf8(topic).ok()?.to_owned(),
+        payload: Bytes::copy_from_slice(payload),
+        qos: QoS::from_bits(flags & 3)?,
+        retain: flags & 4 != 0,
+        properties: stored_properties(props).ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::mqtt::Properties;
+
+    #[test]
+    fn will_round_trip() {
+        let w = Will {
+            topic: "wills/é".into(),
+            payload: Bytes::from_static(b"\x00gone"),
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            properties: Properties {
+                will_delay_interval: Some(30),
+                content_type: Some("text".into()),
+                ..Properties::default()
+            }
+            .into(),
+        };
+        assert_eq!(decode_will(&encode_will(&w)), Some(w));
+        assert_eq!(decode_will(b"\x01\x00\x09short"), None);
+        assert_eq!(decode_will(b""), None);
+    }
+
+    #[test]
+    fn clock_maps_both_ways() {
+        let t0 = Instant::now();
+        let c = Clock::new(t0, 1_000_000);
+        assert_eq!(c.unix_ms(t0 + Duration::from_millis(250)), 1_000_250);
+        assert_eq!(c.instant(1_002_000, t0), t0 + Duration::from_secs(2));
+        assert_eq!(c.instant(10, t0), t0, "the past maps to now");
+    }
 }

@@ -230,6 +230,22 @@ impl Hub {
             if let Some(at) = s.expires_at {
                 self.timers.push(Reverse((at, id.clone())));
             }
+            if let Some(will) = st.will.as_deref().and_then(durable::decode_will) {
+                let due = match st.will_due_ms {
+                    // It was waiting out its delay when we stopped.
+                    Some(d) => Some(self.persist.clock.instant(d, now)),
+                    // Its client was connected: our crash ended that connection abnormally.
+                    None if st.expires_ms.is_none() => {
+                        let delay = will_delay(&will).min(st.expiry);
+                        Some(now + Duration::from_secs(delay as u64))
+                    }
+                    None => None,
+                };
+                if let Some(due) = due {
+                    s.pending_will = Some(PendingWill { will, due });
+                    self.timers.push(Reverse((due, id.clone())));
+                }
+            }
             self.sessions.insert(id, s);
         }
         for sub in r.subscriptions {
@@ -443,6 +459,11 @@ impl Hub {
             }
             if s.pending_will.as_ref().is_some_and(|w| w.due <= now) {
                 if let Some(w) = s.pending_will.take() {
+                    if s.stored {
+                        // Sent now: a restart must not send it again.
+                        let row = stored_row(&self.persist.clock, s);
+                        self.persist.ops.push(Op::SessionPut(row));
+                    }
                     self.publish_will(now, &id, w.will, out);
                 }
             }
@@ -565,13 +586,8 @@ impl Hub {
         s.stalled = false;
         if self.persist.durable.is_some() && (s.persistent() || s.stored) {
             s.stored = true;
-            self.persist.ops.push(Op::SessionPut(StoredSession {
-                client_id: id.to_string(),
-                version: v.level(),
-                expiry,
-                expires_ms: None,
-                will: None,
-            }));
+            let row = stored_row(&self.persist.clock, s);
+            self.persist.ops.push(Op::SessionPut(row));
         }
         self.conns.insert(conn, id.clone());
 
@@ -1089,14 +1105,10 @@ impl Hub {
         };
         s.expires_at = at;
         if s.stored {
-            // Offline from now on: the expiry is recorded, so a restart keeps counting it.
-            self.persist.ops.push(Op::SessionPut(StoredSession {
-                client_id: id.to_string(),
-                version: s.version.level(),
-                expiry,
-                expires_ms: at.map(|a| self.persist.clock.unix_ms(a)),
-                will: None,
-            }));
+            // Offline from now on: the expiry and any will still waiting out its delay are
+            // recorded, so a restart keeps counting both.
+            let row = stored_row(&self.persist.clock, s);
+            self.persist.ops.push(Op::SessionPut(row));
         }
     }
 
@@ -1142,6 +1154,26 @@ impl Hub {
             };
             self.submit_gated(now, routed.ops, pending, out);
         }
+    }
+}
+
+/// A session's row as the store keeps it, from its state now.
+fn stored_row(clock: &Clock, s: &Session) -> StoredSession {
+    let (will, will_due_ms) = match (&s.pending_will, &s.will) {
+        (Some(p), _) => (
+            Some(durable::encode_will(&p.will)),
+            Some(clock.unix_ms(p.due)),
+        ),
+        (None, Some(w)) => (Some(durable::encode_will(w)), None),
+        (None, None) => (None, None),
+    };
+    StoredSession {
+        client_id: s.id.to_string(),
+        version: s.version.level(),
+        expiry: s.expiry,
+        expires_ms: s.expires_at.map(|a| clock.unix_ms(a)),
+        will,
+        will_due_ms,
     }
 }
 

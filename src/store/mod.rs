@@ -172,6 +172,8 @@ pub struct StoredSession {
     pub expires_ms: Option<i64>,
     /// The will, encoded by the hub.
     pub will: Option<Bytes>,
+    /// When a will waiting out its delay is due; `None` while the client is connected.
+    pub will_due_ms: Option<i64>,
 }
 
 /// A subscription row.
@@ -417,8 +419,9 @@ impl Store {
     /// All sessions.
     pub fn sessions(&self) -> Result<Vec<StoredSession>, StoreError> {
         self.read(|c| {
-            let mut st =
-                c.prepare("SELECT client_id, version, expiry, expires_ms, will FROM sessions")?;
+            let mut st = c.prepare(
+                "SELECT client_id, version, expiry, expires_ms, will, will_due_ms FROM sessions",
+            )?;
             let rows = st.query_map([], |r| {
                 Ok(StoredSession {
                     client_id: r.get(0)?,
@@ -426,6 +429,7 @@ impl Store {
                     expiry: r.get(2)?,
                     expires_ms: r.get(3)?,
                     will: r.get::<_, Option<Vec<u8>>>(4)?.map(Bytes::from),
+                    will_due_ms: r.get(5)?,
                 })
             })?;
             rows.collect()

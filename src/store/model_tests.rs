@@ -303,6 +303,7 @@ fn sessions_subscriptions_retained_survive_reopen() {
                 expiry: 60,
                 expires_ms: Some(99),
                 will: Some(Bytes::from_static(b"w")),
+                will_due_ms: Some(123),
             }),
             Op::SubPut(StoredSubscription {
                 client_id: "c".into(),
@@ -361,4 +362,22 @@ fn sessions_subscriptions_retained_survive_reopen() {
         0,
         "a deleted session takes its queue with it"
     );
+}
+
+/// A version 1 database (as the first release wrote it) is migrated in place, keeping its rows.
+#[test]
+fn migrates_a_version_1_database() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let c = rusqlite::Connection::open(dir.path().join("outpost.db")).unwrap();
+        c.execute_batch(super::schema::MIGRATIONS[0]).unwrap();
+        c.execute_batch(
+            "PRAGMA user_version = 1;
+             INSERT INTO sessions (client_id, version, expiry) VALUES ('old', 4, 60);",
+        )
+        .unwrap();
+    }
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let s = store.sessions().unwrap();
+    assert_eq!((s[0].client_id.as_str(), s[0].will_due_ms), ("old", None));
 }

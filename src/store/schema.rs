@@ -7,10 +7,10 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// The schema this binary writes.
-pub const VERSION: i64 = 1;
+pub const VERSION: i64 = 2;
 
 /// Each entry moves the schema from version `index` to `index + 1`.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 0 -> 1
     "
     -- Every durable message: the bridge's outbox (kind 0, dest = rule name) and the queues of
@@ -71,6 +71,9 @@ const MIGRATIONS: &[&str] = &[
         expires_ms  INTEGER
     ) WITHOUT ROWID;
     ",
+    // 1 -> 2: when a will that is waiting out its delay (or whose connection a crash ended)
+    // is due, so a restart neither loses nor repeats it.
+    "ALTER TABLE sessions ADD COLUMN will_due_ms INTEGER;",
 ];
 
 /// Brings the schema up to `VERSION`.

@@ -180,15 +180,17 @@ fn apply(
         }
         Op::SessionPut(s) => {
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO sessions (client_id, version, expiry, expires_ms, will)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO sessions
+                     (client_id, version, expiry, expires_ms, will, will_due_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
             .execute(params![
                 s.client_id,
                 s.version,
                 s.expiry,
                 s.expires_ms,
-                s.will.as_deref()
+                s.will.as_deref(),
+                s.will_due_ms
             ])?;
             OpResult::Done
         }
