@@ -384,3 +384,47 @@ fn will_of_a_client_connected_at_the_crash_is_published_once() {
     );
     assert_eq!(got, "wills/dier gone\n", "log:\n{}", o.log());
 }
+
+/// A retained QoS 1 message sent on SUBSCRIBE to a persistent session and never acknowledged
+/// is stored like any delivery: after kill -9 it comes again (the subscription is not new any
+/// more, so nothing else would resend it).
+#[test]
+fn unacked_retained_delivery_survives_kill_9() {
+    use common::raw::{frame, s};
+    use std::io::Write;
+    let o = Outpost::start("");
+    mosq(
+        "mosquitto_pub",
+        o.port,
+        &["-q", "1", "-r", "-t", "ret/x", "-m", "kept"],
+    );
+    let connect = |port: u16| {
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut body = s("MQTT");
+        body.extend([4, 0x00, 0, 60]); // clean session 0
+        body.extend(s("ret-keeper"));
+        sock.write_all(&frame(0x10, &body)).unwrap();
+        sock
+    };
+    let mut sock = connect(o.port);
+    let mut sub = vec![0, 1];
+    sub.extend(s("ret/#"));
+    sub.push(1);
+    sock.write_all(&frame(0x82, &sub)).unwrap();
+    let (bytes, _) = common::read_until_close(&mut sock, Duration::from_millis(800));
+    assert!(
+        bytes.windows(4).any(|w| w == b"kept"),
+        "retained delivered on subscribe"
+    );
+    // Never acknowledged. Crash.
+    let dir = o.crash();
+    drop(sock);
+    let o = Outpost::restart(dir, "");
+    let mut sock = connect(o.port);
+    let (bytes, _) = common::read_until_close(&mut sock, Duration::from_millis(1500));
+    assert!(
+        bytes.windows(4).any(|w| w == b"kept"),
+        "redelivered after kill -9: {bytes:?}; log:\n{}",
+        o.log()
+    );
+}

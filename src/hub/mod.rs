@@ -945,6 +945,7 @@ impl Hub {
         let mut retained = Vec::new();
         let durable = s.stored && self.persist.durable.is_some();
         let mut ops = Vec::new();
+        let mut tails = Vec::new();
         for (raw, options) in &sub.filters {
             let Ok(parsed) = topic::parse_subscription(raw) else {
                 // The decoder already refused invalid filters; this is only a guard.
@@ -981,17 +982,32 @@ impl Hub {
                     if m.expired(now) {
                         continue;
                     }
-                    let item = Queued {
+                    let mut item = Queued {
                         qos: m.qos.min(options.qos),
                         msg: m,
                         // [MQTT-3.3.1-8] retained messages sent on subscribe keep retain = 1.
                         retain: true,
                         sub_ids: sub_id.into_iter().collect(),
-                        // Not stored: the retained message itself is, and a resubscribe
-                        // after a restart sends it again.
                         row: None,
                     };
-                    s.enqueue(item, &self.cfg, &mut self.stats);
+                    if durable && s.persistent() && item.qos != QoS::AtMostOnce {
+                        // Stored like any delivery, in the same batch as the subscription.
+                        let row = self.next_row;
+                        self.next_row += 1;
+                        let msg = durable::session_row(
+                            id,
+                            &item.msg,
+                            item.qos,
+                            true,
+                            &item.sub_ids,
+                            &self.persist.clock,
+                        );
+                        ops.push(Op::Insert { id: Some(row), msg });
+                        item.row = Some(row);
+                    }
+                    if s.enqueue(item, &self.cfg, &mut self.stats) == Enqueued::Tail {
+                        tails.push(id.clone());
+                    }
                 }
             }
         }
@@ -1006,7 +1022,7 @@ impl Hub {
         // A persistent session's subscription is on disk before the client hears it exists.
         let pending = Pending {
             reply: Some((conn, ack)),
-            tails: Vec::new(),
+            tails,
             publisher: None,
             rows: Vec::new(),
         };
