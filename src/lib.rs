@@ -7,7 +7,8 @@
 //! # Layout
 //! - [`config`] — `outpost.toml` as serde structs, defaults, file:line:col errors.
 //! - [`proto`] — sans-IO protocol machines. [`proto::topic`] holds topic rules;
-//!   [`proto::mqtt`] the strict codec and the broker-side connection machine.
+//!   [`proto::mqtt`] the strict codec, the broker-side connection machine and the upstream
+//!   client session.
 //! - [`hub`] — the one router: sessions, subscription tree, retained index, wills, expiry.
 //! - [`io`] — adapters, the only code that touches sockets: the hub task and the MQTT listener.
 //! - [`server`] — wires config, hub and listeners together and runs until shutdown.

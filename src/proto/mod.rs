@@ -1,7 +1,8 @@
 //! Protocol logic, sans-IO: no sockets, no runtime, no clock. Time is an argument.
 //!
 //! - `topic`: topic names and filters.
-//! - `mqtt`: the strict MQTT codec and the broker-side connection machine.
+//! - `mqtt`: the strict MQTT codec, the broker-side connection machine, and the client session
+//!   machine for the uplink.
 
 pub mod mqtt;
 pub mod topic;

@@ -1,9 +1,10 @@
 //! MQTT 3.1, 3.1.1 and 5.0, sans-IO.
 //!
-//! Owns the strict codec (`decode`, `encode`), the packet model (`packet`) and the broker-side
-//! connection machine (`server`). Nothing here touches a socket, a runtime or a clock: bytes and
+//! Owns the strict codec (`decode`, `encode`), the packet model (`packet`), the broker-side
+//! connection machine (`server`) and the client session the uplink drives (`client`). Nothing here touches a socket, a runtime or a clock: bytes and
 //! `Instant`s are handed in, packets and events come out.
 
+pub mod client;
 pub mod decode;
 pub mod encode;
 pub mod packet;
