@@ -5,6 +5,7 @@
 //! uplink can stand on it. See `ARCHITECTURE.md` for the data flows and the durability contract.
 //!
 //! # Layout
+//! - [`bridge`] — bridge rules for the uplink (the uplink driver comes with issue 4).
 //! - [`config`] — `outpost.toml` as serde structs, defaults, file:line:col errors.
 //! - [`proto`] — sans-IO protocol machines. [`proto::topic`] holds topic rules;
 //!   [`proto::mqtt`] the strict codec, the broker-side connection machine and the upstream
@@ -15,6 +16,7 @@
 //! - [`telemetry`] — tracing to the journal or stderr.
 //! - [`systemd`] — sd-notify.
 
+pub mod bridge;
 pub mod config;
 pub mod hub;
 pub mod io;

@@ -284,7 +284,7 @@ impl Config {
 }
 
 /// Builds an error at byte `offset` of `text`, naming the key on that line when there is one.
-fn invalid(path: &Path, text: &str, offset: usize, message: String) -> ConfigError {
+pub(crate) fn invalid(path: &Path, text: &str, offset: usize, message: String) -> ConfigError {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
