@@ -1,7 +1,10 @@
-//! Shared harness for integration tests: starts the real `outpost` binary on a free port with a
+//! Shared harness for integration tests (`proxy` holds the fault proxy and a mosquitto
+//! launcher): starts the real `outpost` binary on a free port with a
 //! scratch data directory, and runs peers we did not write (mosquitto clients, rumqttc).
 
 #![allow(dead_code)]
+
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -1,0 +1,178 @@
+//! A TCP proxy the test controls, for uplink faults: pass traffic, black-hole it (stop
+//! forwarding without closing, the satellite case), cut every connection, or refuse new ones.
+//! It counts the bytes each way, since uplink bytes per reading is a figure we report.
+//! Also a mosquitto launcher, the cloud broker of uplink tests.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the proxy does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Forward both ways.
+    Pass = 0,
+    /// Read and drop both ways; connections stay open.
+    BlackHole = 1,
+    /// Accept new connections and close them at once.
+    Refuse = 2,
+}
+
+pub struct Proxy {
+    pub port: u16,
+    mode: Arc<AtomicU8>,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to 127.0.0.1:`target`.
+    pub fn start(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let port = listener.local_addr().expect("addr").port();
+        let p = Proxy {
+            port,
+            mode: Arc::new(AtomicU8::new(Mode::Pass as u8)),
+            up: Arc::default(),
+            down: Arc::default(),
+            conns: Arc::default(),
+        };
+        let (mode, up, down, conns) = (
+            p.mode.clone(),
+            p.up.clone(),
+            p.down.clone(),
+            p.conns.clone(),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if mode.load(Ordering::SeqCst) == Mode::Refuse as u8 {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    drop(client);
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                    if let Ok(mut all) = conns.lock() {
+                        all.push(c2);
+                        all.push(s2);
+                    }
+                }
+                for (from, to, count) in [
+                    (client.try_clone(), server.try_clone(), up.clone()),
+                    (server.try_clone(), client.try_clone(), down.clone()),
+                ] {
+                    let (Ok(from), Ok(to)) = (from, to) else {
+                        continue;
+                    };
+                    let mode = mode.clone();
+                    std::thread::spawn(move || pump(from, to, &mode, &count));
+                }
+            }
+        });
+        p
+    }
+
+    pub fn set(&self, mode: Mode) {
+        self.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// Closes every connection made so far (both sides see the close).
+    pub fn cut(&self) {
+        if let Ok(mut all) = self.conns.lock() {
+            for s in all.drain(..) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Bytes forwarded (client to server, server to client).
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::SeqCst),
+            self.down.load(Ordering::SeqCst),
+        )
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, mode: &AtomicU8, count: &AtomicU64) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if mode.load(Ordering::SeqCst) != Mode::Pass as u8 {
+            continue; // black-holed: swallowed, and nobody is told
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        count.fetch_add(n as u64, Ordering::SeqCst);
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// A mosquitto broker on a free port, stopped on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let conf = dir.path().join("m.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 0\nuser root\nlog_dest none\n"
+            ),
+        )
+        .expect("mosquitto config");
+        let child = Command::new(super::tool("mosquitto"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        let t = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Mosquitto {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
