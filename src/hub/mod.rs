@@ -141,6 +141,9 @@ struct Pending {
     publisher: Option<Arc<str>>,
     /// Rows created for this commit, by session; removed from the RAM queues if it is refused.
     rows: Vec<(Arc<str>, i64)>,
+    /// The PUBREC answers a QoS 2 duplicate: valid only if the original is still recorded
+    /// (its commit was not refused meanwhile).
+    qos2_dup: Option<u16>,
 }
 
 /// How often expired and over-age messages are deleted from the store.
@@ -367,7 +370,10 @@ impl Hub {
         let Some(p) = self.pending.remove(&token) else {
             return;
         };
-        if let Some(s) = p.publisher.as_ref().and_then(|c| self.sessions.get_mut(c)) {
+        if let (Some(s), Some((_, Packet::PubAck(_)))) = (
+            p.publisher.as_ref().and_then(|c| self.sessions.get_mut(c)),
+            &p.reply,
+        ) {
             s.awaiting_acks = s.awaiting_acks.saturating_sub(1);
         }
         for c in &p.tails {
@@ -378,13 +384,21 @@ impl Hub {
                 }
             }
         }
-        let refused = match &outcome {
-            Ok(results) => results.contains(&OpResult::Full),
-            Err(e) => {
-                tracing::warn!(error = %e, "durable effects failed; their acks are refused");
-                true
-            }
-        };
+        let original_gone = p.qos2_dup.is_some_and(|pid| {
+            !p.reply
+                .as_ref()
+                .and_then(|(c, _)| self.conns.get(c))
+                .and_then(|id| self.sessions.get(id))
+                .is_some_and(|s| s.inbound_qos2.contains(&pid))
+        });
+        let refused = original_gone
+            || match &outcome {
+                Ok(results) => results.contains(&OpResult::Full),
+                Err(e) => {
+                    tracing::warn!(error = %e, "durable effects failed; their acks are refused");
+                    true
+                }
+            };
         if refused {
             // The message was not accepted: stored sessions must not get it either. (Copies
             // already handed to a connection, or to sessions that are not stored, are gone.)
@@ -392,6 +406,13 @@ impl Hub {
                 if let Some(s) = self.sessions.get_mut(client) {
                     s.queue.retain(|q| q.row != Some(*row));
                 }
+            }
+            // Not stored, so a retry must be routed again, whichever connection it comes on.
+            if let (Some((_, Packet::PubRec(a))), Some(s)) = (
+                &p.reply,
+                p.publisher.as_ref().and_then(|c| self.sessions.get_mut(c)),
+            ) {
+                s.inbound_qos2.remove(&a.packet_id);
             }
         }
         let Some((conn, mut packet)) = p.reply else {
@@ -404,12 +425,6 @@ impl Hub {
         if refused {
             self.stats.refused_full += 1;
             let v5 = self.sessions.get(&id).is_some_and(|s| s.version.is_v5());
-            if let Packet::PubRec(a) = &packet {
-                if let Some(s) = self.sessions.get_mut(&id) {
-                    // Not stored, so a retry must be routed again.
-                    s.inbound_qos2.remove(&a.packet_id);
-                }
-            }
             if let Packet::PubAck(a) | Packet::PubRec(a) = &mut packet {
                 if !v5 {
                     // 3.1.1 has no negative ack: withhold it; the client resends later.
@@ -681,6 +696,7 @@ impl Hub {
                         tails: Vec::new(),
                         publisher: None,
                         rows: Vec::new(),
+                        qos2_dup: None,
                     };
                     self.submit_gated(now, vec![op], pending, out);
                 } else {
@@ -761,7 +777,19 @@ impl Hub {
         if p.qos == QoS::ExactlyOnce && s.inbound_qos2.contains(&p.packet_id) {
             // A resent QoS 2 PUBLISH we already routed: acknowledge, never deliver twice.
             let rec = Packet::PubRec(ack(p.packet_id, reason::SUCCESS, v));
-            return self.control(now, conn, id, rec, out);
+            if !durable_publisher {
+                return self.control(now, conn, id, rec, out);
+            }
+            // The original's effects may not have committed yet. The writer is FIFO, so an
+            // empty request completes after them; if they were refused, so is this ack.
+            let pending = Pending {
+                reply: Some((conn, rec)),
+                tails: Vec::new(),
+                publisher: None,
+                rows: Vec::new(),
+                qos2_dup: Some(p.packet_id),
+            };
+            return self.submit_gated(now, Vec::new(), pending, out);
         }
         if v.is_v5()
             && p.qos != QoS::AtMostOnce
@@ -826,14 +854,19 @@ impl Hub {
             return self.control(now, conn, id, reply, out);
         }
         // The durability contract: the ack goes out only once every effect has committed.
-        if let Some(s) = self.sessions.get_mut(id) {
-            s.awaiting_acks += 1;
+        if p.qos == QoS::AtLeastOnce {
+            // QoS 2 is already counted in `inbound_qos2`; counting it twice against Receive
+            // Maximum would disconnect a client that keeps within it.
+            if let Some(s) = self.sessions.get_mut(id) {
+                s.awaiting_acks += 1;
+            }
         }
         let pending = Pending {
             reply: Some((conn, reply)),
             tails: routed.tails,
             publisher: Some(id.clone()),
             rows: routed.rows,
+            qos2_dup: None,
         };
         self.submit_gated(now, routed.ops, pending, out);
     }
@@ -1025,6 +1058,7 @@ impl Hub {
             tails,
             publisher: None,
             rows: Vec::new(),
+            qos2_dup: None,
         };
         self.submit_gated(now, ops, pending, out);
     }
@@ -1167,6 +1201,7 @@ impl Hub {
                 tails: routed.tails,
                 publisher: None,
                 rows: routed.rows,
+                qos2_dup: None,
             };
             self.submit_gated(now, routed.ops, pending, out);
         }

@@ -115,8 +115,8 @@ pub struct Session {
     pub last_row: i64,
     /// Tail rows submitted and not yet committed: a short read does not prove the tail empty.
     pub uncommitted_tail: usize,
-    /// This client's QoS 1/2 publishes whose ack waits for a commit (counts against our
-    /// Receive Maximum).
+    /// This client's QoS 1 publishes whose PUBACK waits for a commit. With `inbound_qos2`
+    /// (QoS 2 from routing to PUBCOMP) it is what counts against our Receive Maximum.
     pub awaiting_acks: usize,
 }
 

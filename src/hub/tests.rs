@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::durable;
 use super::*;
 use crate::proto::mqtt::{Properties, SubOptions, Will};
 
@@ -612,4 +613,170 @@ fn full_session_queue_drops_newest_and_counts() {
         .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
         .collect();
     assert_eq!(got, ["0", "1", "2"], "the oldest are kept, in order");
+}
+
+/// A store whose commits the test completes by hand.
+#[derive(Clone, Default)]
+struct ManualStore(std::sync::Arc<std::sync::Mutex<Vec<(u64, usize)>>>);
+
+impl durable::Durable for ManualStore {
+    fn submit(&mut self, token: u64, ops: Vec<crate::store::Op>) {
+        self.0.lock().unwrap().push((token, ops.len()));
+    }
+    fn read_queue(&mut self, _: &str, _: i64, _: usize) -> Vec<crate::store::StoredMessage> {
+        Vec::new()
+    }
+}
+
+impl ManualStore {
+    /// Tokens submitted since the last call that wait for an answer, with their op counts.
+    fn gated(&self) -> Vec<(u64, usize)> {
+        self.0
+            .lock()
+            .unwrap()
+            .drain(..)
+            .filter(|(t, _)| *t != 0)
+            .collect()
+    }
+}
+
+fn durable_hub() -> (T, ManualStore) {
+    let store = ManualStore::default();
+    let hub = Hub::with_store(
+        HubConfig::default(),
+        Box::new(store.clone()),
+        durable::Clock::new(Instant::now(), 1_000_000),
+    );
+    (
+        T {
+            hub,
+            out: FakeOutlet::default(),
+            now: Instant::now(),
+        },
+        store,
+    )
+}
+
+/// SUBSCRIBE on a durable hub: the SUBACK comes once the subscription row commits.
+fn subscribe_durable(t: &mut T, store: &ManualStore, conn: ConnId, filter: &str) {
+    t.packet(
+        conn,
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: vec![(filter.into(), opts(QoS::ExactlyOnce))],
+            properties: Props::default(),
+        }),
+    );
+    assert!(t.out.take(conn).is_empty(), "SUBACK waits for the commit");
+    for (tok, _) in store.gated() {
+        t.input(HubInput::Committed {
+            token: tok,
+            outcome: Ok(vec![]),
+        });
+    }
+    assert!(matches!(&t.out.take(conn)[..], [Packet::SubAck(_)]));
+}
+
+fn pubrecs(t: &mut T, conn: ConnId) -> Vec<u8> {
+    t.out
+        .take(conn)
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::PubRec(a) => Some(a.reason),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn qos2_dup_is_not_acked_before_the_original_commits() {
+    let (mut t, store) = durable_hub();
+    t.connect(1, Version::V5, "sub", false);
+    let mut c = connect(Version::V5, "pub", false);
+    c.properties.session_expiry_interval = Some(60);
+    t.connect_with(2, c);
+    let mut c = connect(Version::V5, "sub", false);
+    c.properties.session_expiry_interval = Some(60);
+    t.connect_with(1, c);
+    subscribe_durable(&mut t, &store, 1, "d");
+    t.out.take(2);
+
+    t.publish(2, msg("d", "x", QoS::ExactlyOnce, 5));
+    let mut dup = msg("d", "x", QoS::ExactlyOnce, 5);
+    dup.dup = true;
+    t.publish(2, dup);
+    assert!(
+        pubrecs(&mut t, 2).is_empty(),
+        "no PUBREC before the commit, not even for the DUP"
+    );
+    let gated = store.gated();
+    assert_eq!(
+        gated.len(),
+        2,
+        "the DUP's ack is gated behind the original: {gated:?}"
+    );
+    assert_eq!(gated[1].1, 0, "with no effects of its own");
+    for (tok, _) in gated {
+        t.input(HubInput::Committed {
+            token: tok,
+            outcome: Ok(vec![crate::store::OpResult::Done]),
+        });
+    }
+    assert_eq!(pubrecs(&mut t, 2), vec![0, 0]);
+    assert_eq!(t.out.publishes(1).len(), 1, "delivered once");
+}
+
+#[test]
+fn refused_qos2_is_forgotten_even_after_a_reconnect() {
+    let (mut t, store) = durable_hub();
+    t.connect(1, Version::V311, "sub", false);
+    subscribe_durable(&mut t, &store, 1, "d");
+    t.connect(2, Version::V311, "pub", false);
+    t.out.take(2);
+    t.publish(2, msg("d", "x", QoS::ExactlyOnce, 5));
+    let mut dup = msg("d", "x", QoS::ExactlyOnce, 5);
+    dup.dup = true;
+    t.publish(2, dup.clone());
+    let gated = store.gated();
+    // The client reconnects before the (refused) commit completes.
+    t.close(2, LOST);
+    t.connect(3, Version::V311, "pub", false);
+    let refused: crate::store::Outcome =
+        Err(std::sync::Arc::new(crate::store::StoreError::DiskFull));
+    for (tok, _) in gated {
+        t.input(HubInput::Committed {
+            token: tok,
+            outcome: refused.clone(),
+        });
+    }
+    assert!(
+        pubrecs(&mut t, 3).is_empty(),
+        "3.1.1: a refused message is not acked"
+    );
+    // Its resend must be routed and stored again, not taken for a stored duplicate.
+    t.publish(3, dup);
+    let again = store.gated();
+    assert_eq!(again.len(), 1);
+    assert!(again[0].1 > 0, "routed again with its effects: {again:?}");
+}
+
+/// A v5 client may keep Receive Maximum QoS 2 messages unacknowledged while their commits are
+/// pending: each counts once, not twice.
+#[test]
+fn qos2_awaiting_commit_counts_once_against_receive_maximum() {
+    let (mut t, store) = durable_hub();
+    let mut c = connect(Version::V5, "sub", false);
+    c.properties.session_expiry_interval = Some(60);
+    t.connect_with(1, c);
+    subscribe_durable(&mut t, &store, 1, "d");
+    t.connect(2, Version::V5, "pub", true);
+    for pid in 1..=100u16 {
+        t.publish(2, msg("d", "x", QoS::ExactlyOnce, pid));
+    }
+    assert!(
+        t.out.closed.is_empty(),
+        "100 in flight is within Receive Maximum 100"
+    );
+    t.publish(2, msg("d", "x", QoS::ExactlyOnce, 101));
+    assert!(t.out.closed.contains_key(&2), "the 101st exceeds it");
 }
