@@ -777,7 +777,7 @@ impl Hub {
         if p.qos == QoS::ExactlyOnce && s.inbound_qos2.contains(&p.packet_id) {
             // A resent QoS 2 PUBLISH we already routed: acknowledge, never deliver twice.
             let rec = Packet::PubRec(ack(p.packet_id, reason::SUCCESS, v));
-            if !durable_publisher {
+            if self.persist.durable.is_none() {
                 return self.control(now, conn, id, rec, out);
             }
             // The original's effects may not have committed yet. The writer is FIFO, so an
