@@ -9,7 +9,7 @@
 //! detection: a link that swallows packets is declared lost within 1.5x the keep-alive.
 //! No socket, no clock: bytes and `Instant`s come in, bytes and events go out.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -45,9 +45,20 @@ pub struct ClientConfig {
 pub enum Stage {
     /// PUBLISH sent; PUBACK (QoS 1) or PUBREC (QoS 2) awaited.
     Sent,
-    /// PUBREC received and PUBREL sent; PUBCOMP awaited. Persist this: after a restart the
-    /// PUBREL goes again, never the PUBLISH.
+    /// PUBREC received; the caller is persisting that. No PUBREL goes until it says so
+    /// (`release`): a PUBREL sent before the state is on disk could be followed, after a
+    /// crash, by the PUBLISH again, which the broker would take for a new message.
+    Releasing,
+    /// PUBREC persisted and PUBREL sent; PUBCOMP awaited. After a restart the PUBREL goes
+    /// again, never the PUBLISH.
     Released,
+}
+
+/// The packet id of outbox row `tag`. Derived, not allocated, so the id a QoS 2 message was
+/// sent with survives a crash without a write before every send: the resend after a restart
+/// names the same id, and the broker recognises it.
+pub fn packet_id_for(tag: Tag) -> u16 {
+    (tag.rem_euclid(65_535) + 1) as u16
 }
 
 /// What the session tells its driver.
@@ -59,13 +70,18 @@ pub enum ClientEvent {
     Refused { code: u8 },
     /// PUBACK or PUBCOMP: the broker owns the message; its row may go.
     Delivered { tag: Tag, reason: u8 },
-    /// PUBREC: persist `Stage::Released` with this packet id.
+    /// PUBREC: persist `Stage::Released` with this packet id, then call `release`.
     Released { tag: Tag, packet_id: u16 },
     /// The broker refused or cannot take the message (v5 failure code, or larger than its
     /// Maximum Packet Size); it will never be delivered.
     Rejected { tag: Tag, reason: u8 },
     /// A message from the broker. QoS 1/2: call `ack_inbound` once its effects committed.
     Inbound(Publish),
+    /// PUBREL for inbound QoS 2 `packet_id`: forget its stored id, then call
+    /// `complete_inbound` (PUBCOMP frees the id for reuse, so it must be forgotten first).
+    InboundReleased { packet_id: u16 },
+    /// SUBACK: one code per filter of the `subscribe` call, in order.
+    Subscribed { codes: Vec<u8> },
     /// The connection is dead or broke the protocol: close it; `connection_lost` follows.
     Lost { reason: String },
 }
@@ -92,7 +108,6 @@ pub struct ClientSession {
     out: Vec<u8>,
     events: VecDeque<ClientEvent>,
     inflight: Vec<Out>,
-    next_pid: u16,
     receive_max: u16,
     server_max_packet: u32,
     keep_alive: Option<Duration>,
@@ -101,7 +116,12 @@ pub struct ClientSession {
     ping_sent: Option<Instant>,
     connect_deadline: Option<Instant>,
     encoder: Outbound,
-    inbound_qos2: HashSet<u16>,
+    /// Inbound QoS 2 ids: true once committed and PUBREC'd, false while committing (a resend
+    /// meanwhile is neither delivered again nor acknowledged early).
+    inbound_qos2: HashMap<u16, bool>,
+    /// Topic aliases the broker set on this connection.
+    inbound_aliases: HashMap<u16, String>,
+    subscribe_pid: Option<u16>,
     buf: Vec<u8>,
 }
 
@@ -114,7 +134,6 @@ impl ClientSession {
             out: Vec::new(),
             events: VecDeque::new(),
             inflight: Vec::new(),
-            next_pid: 0,
             receive_max: u16::MAX,
             server_max_packet: u32::MAX,
             keep_alive: None,
@@ -123,14 +142,20 @@ impl ClientSession {
             ping_sent: None,
             connect_deadline: None,
             encoder,
-            inbound_qos2: HashSet::new(),
+            inbound_qos2: HashMap::new(),
+            inbound_aliases: HashMap::new(),
+            subscribe_pid: None,
             buf: Vec::new(),
         }
     }
 
+    /// Puts back an inbound QoS 2 id that was committed and acknowledged before a restart.
+    pub fn restore_inbound(&mut self, packet_id: u16) {
+        self.inbound_qos2.insert(packet_id, true);
+    }
+
     /// Puts back a message that was in flight before a restart, as the outbox recorded it.
     pub fn restore(&mut self, tag: Tag, packet_id: u16, publish: Publish, stage: Stage) {
-        self.next_pid = self.next_pid.max(packet_id);
         self.inflight.push(Out {
             tag,
             pid: packet_id,
@@ -183,6 +208,8 @@ impl ClientSession {
         self.state = State::AwaitConnAck;
         self.encoder = Outbound::new(self.cfg.version, 0);
         self.buf.clear();
+        self.inbound_aliases.clear();
+        self.subscribe_pid = None;
         self.ping_sent = None;
         self.last_received = now;
         let wait = Duration::from_secs(self.cfg.keep_alive.max(10) as u64);
@@ -222,7 +249,11 @@ impl ClientSession {
             });
             return Ok(());
         }
-        let pid = self.alloc_pid();
+        let pid = packet_id_for(tag);
+        if self.inflight.iter().any(|o| o.pid == pid) || self.subscribe_pid == Some(pid) {
+            // A row 65,535 ids older is still in flight: this one waits for it.
+            return Err(publish);
+        }
         publish.packet_id = pid;
         self.inflight.push(Out {
             tag,
@@ -236,6 +267,11 @@ impl ClientSession {
 
     /// The local effects of inbound QoS 1/2 message `packet_id` have committed: acknowledge it.
     pub fn ack_inbound(&mut self, now: Instant, packet_id: u16, qos: QoS) {
+        if qos == QoS::ExactlyOnce {
+            // Recorded even while disconnected: the resend after the reconnect is then
+            // acknowledged without being delivered again.
+            self.inbound_qos2.insert(packet_id, true);
+        }
         if self.state != State::Connected {
             // The broker resends it after the reconnect; its effects are stored already.
             return;
@@ -247,11 +283,79 @@ impl ClientSession {
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(now, Packet::PubAck(ack)),
-            QoS::ExactlyOnce => {
-                self.inbound_qos2.insert(packet_id);
-                self.send(now, Packet::PubRec(ack));
-            }
+            QoS::ExactlyOnce => self.send(now, Packet::PubRec(ack)),
         }
+    }
+
+    /// The inbound QoS 2 message's local effects could not be stored: forget it, so the
+    /// broker's resend (after the next reconnect) is taken as new.
+    pub fn drop_inbound(&mut self, packet_id: u16) {
+        if self.inbound_qos2.get(&packet_id) == Some(&false) {
+            self.inbound_qos2.remove(&packet_id);
+        }
+    }
+
+    /// The id of released inbound QoS 2 message `packet_id` is forgotten on disk: PUBCOMP.
+    pub fn complete_inbound(&mut self, now: Instant, packet_id: u16) {
+        self.inbound_qos2.remove(&packet_id);
+        if self.state == State::Connected {
+            let comp = Ack {
+                packet_id,
+                ..Ack::default()
+            };
+            self.send(now, Packet::PubComp(comp));
+        }
+    }
+
+    /// PUBREC for `tag` is persisted: PUBREL may go.
+    pub fn release(&mut self, now: Instant, tag: Tag) {
+        let Some(o) = self
+            .inflight
+            .iter_mut()
+            .find(|o| o.tag == tag && o.stage == Stage::Releasing)
+        else {
+            return;
+        };
+        o.stage = Stage::Released;
+        let pid = o.pid;
+        if self.state == State::Connected {
+            let rel = Ack {
+                packet_id: pid,
+                ..Ack::default()
+            };
+            self.send(now, Packet::PubRel(rel));
+        }
+    }
+
+    /// Subscribes to `filters` (after each CONNACK: cheap, and right whatever the broker
+    /// kept). At most one SUBSCRIBE is outstanding; the answer is `Subscribed`.
+    pub fn subscribe(&mut self, now: Instant, filters: &[(String, QoS)]) {
+        if self.state != State::Connected || filters.is_empty() {
+            return;
+        }
+        let pid = (1..=u16::MAX)
+            .rev()
+            .find(|p| !self.inflight.iter().any(|o| o.pid == *p))
+            .unwrap_or(u16::MAX);
+        self.subscribe_pid = Some(pid);
+        let sub = Subscribe {
+            packet_id: pid,
+            filters: filters
+                .iter()
+                .map(|(f, qos)| {
+                    let options = SubOptions {
+                        qos: *qos,
+                        // A bridge must not hear its own messages back ([MQTT-3.8.3-3]).
+                        no_local: self.cfg.version.is_v5(),
+                        retain_as_published: true,
+                        retain_handling: 0,
+                    };
+                    (f.clone(), options)
+                })
+                .collect(),
+            properties: Props::default(),
+        };
+        self.send(now, Packet::Subscribe(sub));
     }
 
     /// Bytes to write to the socket.
@@ -368,38 +472,71 @@ impl ClientSession {
                     });
                     return;
                 }
-                self.inflight[i].stage = Stage::Released;
+                self.inflight[i].stage = Stage::Releasing;
                 let tag = self.inflight[i].tag;
                 self.events.push_back(ClientEvent::Released {
                     tag,
                     packet_id: a.packet_id,
                 });
-                let rel = Ack {
-                    packet_id: a.packet_id,
-                    ..Ack::default()
-                };
-                self.send(now, Packet::PubRel(rel));
             }
-            (_, Packet::Publish(p)) => {
-                if p.qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&p.packet_id) {
-                    // Already committed and PUBREC'd: only the ack was lost.
-                    let rec = Ack {
-                        packet_id: p.packet_id,
-                        ..Ack::default()
-                    };
-                    return self.send(now, Packet::PubRec(rec));
+            (_, Packet::Publish(mut p)) => {
+                if let Some(alias) = p.properties.topic_alias {
+                    if alias == 0 || alias > self.cfg.topic_alias_maximum {
+                        self.send(now, disconnect(reason::TOPIC_ALIAS_INVALID));
+                        return self.lost(format!("broker used topic alias {alias}"));
+                    }
+                    if p.topic.is_empty() {
+                        match self.inbound_aliases.get(&alias) {
+                            Some(t) => p.topic = t.clone(),
+                            None => {
+                                self.send(now, disconnect(reason::PROTOCOL_ERROR));
+                                return self.lost(format!("broker used unset topic alias {alias}"));
+                            }
+                        }
+                    } else {
+                        self.inbound_aliases.insert(alias, p.topic.clone());
+                    }
+                }
+                if p.qos == QoS::ExactlyOnce {
+                    match self.inbound_qos2.get(&p.packet_id) {
+                        Some(true) => {
+                            // Already committed and PUBREC'd: only the ack was lost.
+                            let rec = Ack {
+                                packet_id: p.packet_id,
+                                ..Ack::default()
+                            };
+                            return self.send(now, Packet::PubRec(rec));
+                        }
+                        // Still committing: its PUBREC follows the commit.
+                        Some(false) => return,
+                        None => {
+                            self.inbound_qos2.insert(p.packet_id, false);
+                        }
+                    }
                 }
                 self.events.push_back(ClientEvent::Inbound(p));
             }
             (_, Packet::PubRel(a)) => {
-                self.inbound_qos2.remove(&a.packet_id);
-                let comp = Ack {
-                    packet_id: a.packet_id,
-                    ..Ack::default()
-                };
-                self.send(now, Packet::PubComp(comp));
+                if self.inbound_qos2.contains_key(&a.packet_id) {
+                    self.events.push_back(ClientEvent::InboundReleased {
+                        packet_id: a.packet_id,
+                    });
+                } else {
+                    let comp = Ack {
+                        packet_id: a.packet_id,
+                        ..Ack::default()
+                    };
+                    self.send(now, Packet::PubComp(comp));
+                }
             }
-            (_, Packet::PingResp) | (_, Packet::SubAck(_)) | (_, Packet::UnsubAck(_)) => {}
+            (_, Packet::SubAck(a)) => {
+                if self.subscribe_pid == Some(a.packet_id) {
+                    self.subscribe_pid = None;
+                    self.events
+                        .push_back(ClientEvent::Subscribed { codes: a.codes });
+                }
+            }
+            (_, Packet::PingResp) | (_, Packet::UnsubAck(_)) => {}
             (_, Packet::Disconnect(d)) => {
                 self.lost(format!("broker sent DISCONNECT 0x{:02x}", d.reason))
             }
@@ -434,18 +571,19 @@ impl ClientSession {
         let resend: Vec<Packet> = self
             .inflight
             .iter_mut()
-            .map(|o| {
-                if o.stage == Stage::Released && a.session_present {
-                    Packet::PubRel(Ack {
-                        packet_id: o.pid,
-                        ..Ack::default()
-                    })
-                } else {
+            .filter_map(|o| match o.stage {
+                Stage::Released if a.session_present => Some(Packet::PubRel(Ack {
+                    packet_id: o.pid,
+                    ..Ack::default()
+                })),
+                // The broker holds it; `release` sends the PUBREL once it is persisted.
+                Stage::Releasing if a.session_present => None,
+                _ => {
                     o.stage = Stage::Sent;
                     let mut p = o.publish.clone();
                     p.dup = true;
                     p.packet_id = o.pid;
-                    Packet::Publish(p)
+                    Some(Packet::Publish(p))
                 }
             })
             .collect();
@@ -482,15 +620,6 @@ impl ClientSession {
     fn fits(&self, p: &Publish) -> bool {
         encoded_len(&Packet::Publish(p.clone()), self.cfg.version)
             <= self.server_max_packet as usize
-    }
-
-    fn alloc_pid(&mut self) -> u16 {
-        loop {
-            self.next_pid = self.next_pid.wrapping_add(1).max(1);
-            if !self.inflight.iter().any(|o| o.pid == self.next_pid) {
-                return self.next_pid;
-            }
-        }
     }
 
     fn send(&mut self, now: Instant, p: Packet) {
@@ -638,6 +767,11 @@ mod tests {
             ]
         );
         assert!(
+            sent(&mut c, v, false).is_empty(),
+            "no PUBREL before the PUBREC state is persisted"
+        );
+        c.release(t, 8);
+        assert!(
             matches!(&sent(&mut c, v, false)[..], [Packet::PubRel(a)] if a.packet_id == pids[1])
         );
         feed(
@@ -697,6 +831,7 @@ mod tests {
             }),
         );
         events(&mut c);
+        c.release(t, 2);
         c.take_transmit();
         c.connection_lost();
         // The broker kept the session: PUBLISH again with DUP, PUBREL for the released one.
@@ -731,17 +866,23 @@ mod tests {
         let t = Instant::now();
         let mut c = ClientSession::new(cfg(v), t);
         let mut p = msg("a", QoS::ExactlyOnce);
-        p.packet_id = 41;
-        c.restore(99, 41, p, Stage::Released);
+        p.packet_id = packet_id_for(99);
+        c.restore(99, packet_id_for(99), p, Stage::Released);
         c.connect(t);
         sent(&mut c, v, true);
         feed(&mut c, t, v, connack(true, Properties::default()));
-        assert!(matches!(&sent(&mut c, v, false)[..], [Packet::PubRel(a)] if a.packet_id == 41));
+        assert!(
+            matches!(&sent(&mut c, v, false)[..], [Packet::PubRel(a)] if a.packet_id == packet_id_for(99))
+        );
         c.publish(t, 100, msg("b", QoS::AtLeastOnce)).unwrap();
         assert!(
-            matches!(&sent(&mut c, v, false)[..], [Packet::Publish(p)] if p.packet_id == 42),
-            "ids continue past restored ones"
+            matches!(&sent(&mut c, v, false)[..], [Packet::Publish(p)] if p.packet_id == packet_id_for(100)),
+            "ids are derived from the row"
         );
+        // A row whose derived id is still in flight waits.
+        assert!(c
+            .publish(t, 100 + 65_535, msg("c", QoS::AtLeastOnce))
+            .is_err());
     }
 
     #[test]
@@ -868,7 +1009,95 @@ mod tests {
                 ..Ack::default()
             }),
         );
+        assert_eq!(
+            events(&mut c),
+            vec![ClientEvent::InboundReleased { packet_id: 9 }]
+        );
+        assert!(
+            sent(&mut c, v, false).is_empty(),
+            "PUBCOMP frees the id: it waits until the id is forgotten on disk"
+        );
+        c.complete_inbound(t, 9);
         assert!(matches!(&sent(&mut c, v, false)[..], [Packet::PubComp(_)]));
+    }
+
+    #[test]
+    fn inbound_qos2_resent_while_committing_is_neither_delivered_nor_acked() {
+        let v = Version::V5;
+        let (mut c, t) = connected(v, Properties::default());
+        let mut p = msg("cmd/valve", QoS::ExactlyOnce);
+        p.packet_id = 3;
+        feed(&mut c, t, v, Packet::Publish(p.clone()));
+        assert_eq!(events(&mut c).len(), 1);
+        // The link drops before the commit; the broker resends after the reconnect.
+        c.connection_lost();
+        c.ack_inbound(t, 3, QoS::ExactlyOnce);
+        c.connect(t);
+        sent(&mut c, v, true);
+        feed(&mut c, t, v, connack(true, Properties::default()));
+        events(&mut c);
+        p.dup = true;
+        feed(&mut c, t, v, Packet::Publish(p));
+        assert!(events(&mut c).is_empty(), "delivered once");
+        assert!(matches!(&sent(&mut c, v, false)[..], [Packet::PubRec(a)] if a.packet_id == 3));
+    }
+
+    #[test]
+    fn inbound_topic_aliases_are_resolved() {
+        let v = Version::V5;
+        let t0 = Instant::now();
+        let mut cfg = cfg(v);
+        cfg.topic_alias_maximum = 4;
+        let mut c = ClientSession::new(cfg, t0);
+        c.connect(t0);
+        c.take_transmit();
+        feed(&mut c, t0, v, connack(false, Properties::default()));
+        events(&mut c);
+        let mut p = msg("sites/x/cmd/pump", QoS::AtMostOnce);
+        p.properties.topic_alias = Some(2);
+        feed(&mut c, t0, v, Packet::Publish(p.clone()));
+        p.topic = String::new();
+        feed(&mut c, t0, v, Packet::Publish(p.clone()));
+        let topics: Vec<String> = events(&mut c)
+            .into_iter()
+            .map(|e| match e {
+                ClientEvent::Inbound(p) => p.topic,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(topics, ["sites/x/cmd/pump", "sites/x/cmd/pump"]);
+        p.properties.topic_alias = Some(3);
+        feed(&mut c, t0, v, Packet::Publish(p));
+        assert!(matches!(&events(&mut c)[..], [ClientEvent::Lost { .. }]));
+    }
+
+    #[test]
+    fn subscribe_uses_a_free_id_and_reports_codes() {
+        let v = Version::V5;
+        let (mut c, t) = connected(v, Properties::default());
+        c.subscribe(t, &[("sites/x/cmd/#".into(), QoS::ExactlyOnce)]);
+        let pid = match &sent(&mut c, v, false)[..] {
+            [Packet::Subscribe(s)] => {
+                assert_eq!(s.filters[0].0, "sites/x/cmd/#");
+                assert!(s.filters[0].1.no_local, "a bridge never hears itself");
+                s.packet_id
+            }
+            other => panic!("{other:?}"),
+        };
+        feed(
+            &mut c,
+            t,
+            v,
+            Packet::SubAck(SubAck {
+                packet_id: pid,
+                codes: vec![2],
+                properties: Props::default(),
+            }),
+        );
+        assert_eq!(
+            events(&mut c),
+            vec![ClientEvent::Subscribed { codes: vec![2] }]
+        );
     }
 
     #[test]
