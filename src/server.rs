@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
 use crate::config::{self, Config, ListenerKind};
 use crate::hub::durable::Clock;
@@ -17,6 +17,8 @@ use crate::hub::{Hub, HubConfig, Restored};
 use crate::io::hub_task::{self, HubMsg, HUB_QUEUE};
 use crate::io::mqtt_listener::{self, ListenerShared};
 use crate::io::store_link::{StoreLink, COMMITS_QUEUE};
+use crate::io::uplink::{self, UplinkSetup};
+use crate::bridge::rules::Rules;
 use crate::proto::mqtt::server::ServerLimits;
 use crate::store::{self, Store, StoreConfig, StoreError};
 use crate::systemd;
@@ -49,6 +51,12 @@ pub enum ServerError {
         path: std::path::PathBuf,
         source: StoreError,
     },
+    /// The bridge rules could not be loaded.
+    #[error("bridge rules: {0}")]
+    Rules(#[from] crate::bridge::rules::RuleError),
+    /// The uplink could not be set up.
+    #[error("uplink: {0}")]
+    Uplink(#[from] crate::io::uplink::UplinkError),
 }
 
 /// The store's settings from the config.
@@ -132,16 +140,57 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         queued_bytes = totals.bytes,
         "store open"
     );
+    let rules = match &config.uplink {
+        Some(u) => Some(Rules::load_dir(&u.rules_dir, &gateway)?),
+        None => None,
+    };
+    let outbox_wake = Arc::new(Notify::new());
     let (commit_tx, commit_rx) = mpsc::channel(COMMITS_QUEUE);
-    let link = StoreLink::new(store.clone(), commit_tx);
+    let link = StoreLink::new(
+        store.clone(),
+        commit_tx,
+        rules.as_ref().map(|_| outbox_wake.clone()),
+    );
     let clock = Clock::new(std::time::Instant::now(), unix_ms());
     let mut hub = Hub::with_store(hub_config(&config), Box::new(link), clock);
     hub.restore(std::time::Instant::now(), restored);
-
-    let (hub_tx, hub_rx) = mpsc::channel(HUB_QUEUE);
-    let hub_handle = tokio::spawn(hub_task::run(hub, hub_rx, commit_rx, SHUTDOWN_GRACE));
+    if let Some(r) = &rules {
+        hub.set_uplink_rules(r.outs.clone());
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (hub_tx, hub_rx) = mpsc::channel(HUB_QUEUE);
+    let (uplink_ports, uplink_task) = match (&config.uplink, rules) {
+        (Some(u), Some(rules)) => {
+            let (ports, chans) = uplink::channels();
+            tracing::info!(
+                url = %u.url,
+                out_rules = rules.outs.len(),
+                in_rules = rules.ins.len(),
+                "uplink configured"
+            );
+            let setup = UplinkSetup {
+                cfg: u.clone(),
+                gateway_id: gateway.clone(),
+                rules,
+                max_packet_size: hub_config(&config).max_packet_size,
+                store: store.clone(),
+                hub: hub_tx.clone(),
+                outbox_wake: outbox_wake.clone(),
+                stop: stop_rx.clone(),
+            };
+            (Some(ports), Some(uplink::start(setup, chans)?))
+        }
+        _ => (None, None),
+    };
+    let hub_handle = tokio::spawn(hub_task::run(
+        hub,
+        hub_rx,
+        commit_rx,
+        SHUTDOWN_GRACE,
+        uplink_ports,
+    ));
+    let uplink_handle = uplink_task.map(tokio::spawn);
     let shared = Arc::new(ListenerShared {
         hub: hub_tx.clone(),
         limits: server_limits(&config),
@@ -170,9 +219,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             }
         }
     }
-    tracing::info!("no uplink configured: running local-only");
+    let mode = match &config.uplink {
+        Some(u) => format!("uplink {}", u.url),
+        None => {
+            tracing::info!("no uplink configured: running local-only");
+            "local-only".to_owned()
+        }
+    };
     systemd::ready(&format!(
-        "{} listener(s) up; local-only",
+        "{} listener(s) up; {mode}",
         config.listeners.len()
     ));
 
@@ -199,6 +254,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let _ = stop_tx.send(true);
     for t in accept_tasks {
         let _ = t.await;
+    }
+    if let Some(u) = uplink_handle {
+        // It sends DISCONNECT (keeping the upstream session) and its last state.
+        let _ = tokio::time::timeout(Duration::from_secs(3), u).await;
     }
     let (done_tx, done_rx) = oneshot::channel();
     if hub_tx.send(HubMsg::Shutdown(done_tx)).await.is_ok() {

@@ -37,6 +37,8 @@ struct OutToml {
     priority: u8,
     #[serde(default = "yes")]
     retain: bool,
+    #[serde(default)]
+    buffer: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +94,8 @@ pub struct OutRule {
     /// Lower drains first.
     pub priority: u8,
     pub retain: bool,
+    /// QoS 0 only: keep messages in the outbox while offline instead of dropping them.
+    pub buffer: bool,
     pub origin: Origin,
 }
 
@@ -215,6 +219,7 @@ impl Rules {
                 remote_prefix: sub(&o.remote_prefix),
                 priority: o.priority,
                 retain: o.retain,
+                buffer: o.buffer,
             });
         }
         for i in raw.ins {

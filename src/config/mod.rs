@@ -5,6 +5,7 @@
 //! default. Durations and sizes are written in human units ("30s", "512MiB").
 
 mod units;
+mod uplink;
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroUsize};
@@ -14,6 +15,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub use units::{Duration, Size};
+pub use uplink::{Backoff, Protocol, RateLimit, Scheme, Uplink, Url};
 
 /// Why a configuration could not be used.
 #[derive(Debug, Error)]
@@ -54,6 +56,9 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub store: StoreSection,
+    /// The cloud broker; none means local-only.
+    #[serde(default)]
+    pub uplink: Option<Uplink>,
 }
 
 /// `synchronous` in `[store]`.
@@ -246,6 +251,15 @@ impl Config {
         }
         if st.max_messages == 0 || st.max_bytes.0 == 0 {
             return Err(at("max_messages", "store limits must be above 0".into()));
+        }
+        if let Some(u) = &self.uplink {
+            if let Some((key, msg)) = u.problems() {
+                let pos = text
+                    .find("[uplink]")
+                    .and_then(|s| text[s..].find(&format!("{key} ")).or_else(|| text[s..].find(&format!("{key}="))).map(|k| s + k))
+                    .unwrap_or(0);
+                return Err(invalid(path, text, pos, msg));
+            }
         }
         if let Some(id) = &self.gateway.id {
             if id.is_empty() || id.contains(['/', '+', '#']) {

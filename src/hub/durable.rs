@@ -61,13 +61,43 @@ pub fn session_row(
     sub_ids: &[u32],
     clock: &Clock,
 ) -> NewMessage {
+    let dest = Dest::Session(client.to_owned());
+    row(dest, msg.topic.clone(), msg, qos, retain, sub_ids, clock)
+}
+
+/// The outbox class of bridge priority `priority`: lower drains first.
+pub fn outbox_dest(priority: u8) -> Dest {
+    Dest::Outbox(format!("p{priority:03}"))
+}
+
+/// The outbox row for `msg`, renamed to its upstream `topic`.
+pub fn outbox_row(
+    priority: u8,
+    topic: String,
+    msg: &Message,
+    qos: QoS,
+    retain: bool,
+    clock: &Clock,
+) -> NewMessage {
+    row(outbox_dest(priority), topic, msg, qos, retain, &[], clock)
+}
+
+fn row(
+    dest: Dest,
+    topic: String,
+    msg: &Message,
+    qos: QoS,
+    retain: bool,
+    sub_ids: &[u32],
+    clock: &Clock,
+) -> NewMessage {
     let mut ids = Vec::with_capacity(sub_ids.len() * 4);
     for id in sub_ids {
         ids.extend_from_slice(&id.to_le_bytes());
     }
     NewMessage {
-        dest: Dest::Session(client.to_owned()),
-        topic: msg.topic.clone(),
+        dest,
+        topic,
         payload: msg.payload.clone(),
         qos: qos as u8,
         retain,

@@ -16,6 +16,10 @@ pub enum Origin {
     Will(Arc<str>),
     /// Read back from the store after a restart; who published it is not kept.
     Restored,
+    /// Came down from the cloud broker: never sent back up.
+    Uplink,
+    /// Published by outpost itself ($SYS): never sent up.
+    System,
 }
 
 impl Origin {
@@ -23,7 +27,7 @@ impl Origin {
     pub fn client(&self) -> Option<&str> {
         match self {
             Origin::Client(c) => Some(c),
-            Origin::Will(_) | Origin::Restored => None,
+            Origin::Will(_) | Origin::Restored | Origin::Uplink | Origin::System => None,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::proto::mqtt::{
     reason, Ack, ConnAck, Connect, Disconnect, Packet, Props, Publish, QoS, SubAck, Subscribe,
     UnsubAck, Unsubscribe, Version, Will,
 };
+use crate::bridge::rules::OutRule;
 use crate::proto::topic;
 use crate::store::{Op, OpResult, Outcome, StoredRetained, StoredSession, StoredSubscription};
 use durable::{Clock, Durable};
@@ -72,6 +73,8 @@ pub struct Stats {
     pub expired: u64,
     /// QoS 1/2 publishes refused because the store was full or failing.
     pub refused_full: u64,
+    /// Messages put in the bridge outbox.
+    pub outboxed: u64,
 }
 
 /// Where the hub's packets go. The runtime implements it with bounded channels.
@@ -81,6 +84,11 @@ pub trait Outlet {
     fn try_send(&mut self, conn: ConnId, packet: Packet) -> Result<(), Packet>;
     /// Ends `conn` once what is queued, then `last` (a DISCONNECT) if given, is written.
     fn close(&mut self, conn: ConnId, last: Option<Packet>);
+    /// A QoS 0 message for the uplink to send now; the uplink drops it when offline or busy.
+    fn uplink_live(&mut self, _publish: Publish) {}
+    /// The local effects of inbound uplink message `packet_id` have committed (`stored`), or
+    /// were refused: the uplink acknowledges it upstream, or lets the broker resend it.
+    fn uplink_ack(&mut self, _packet_id: u16, _qos: QoS, _stored: bool) {}
 }
 
 /// Something that happened on a connection.
@@ -105,7 +113,20 @@ pub enum HubInput {
     Ready { conn: ConnId },
     /// Ops submitted with `token` have committed (or failed).
     Committed { token: u64, outcome: Outcome },
+    /// A message from the cloud broker, already renamed to its local topic. QoS 1/2 are
+    /// answered with `Outlet::uplink_ack` once their effects commit.
+    Uplink(Publish),
+    /// A message outpost publishes itself ($SYS): QoS 0, local only.
+    System {
+        topic: String,
+        payload: bytes::Bytes,
+        retain: bool,
+    },
 }
+
+/// The inbound QoS 2 state of the uplink is kept under this client id, which no local client
+/// can have (an empty id is replaced by an assigned one).
+pub const UPLINK_QOS2_ID: &str = "";
 
 /// What the store held at startup, for `Hub::restore`.
 #[derive(Debug, Default)]
@@ -144,6 +165,8 @@ struct Pending {
     /// The PUBREC answers a QoS 2 duplicate: valid only if the original is still recorded
     /// (its commit was not refused meanwhile).
     qos2_dup: Option<u16>,
+    /// An inbound uplink message: its upstream ack (packet id, QoS) is released on commit.
+    uplink: Option<(u16, QoS)>,
 }
 
 /// How often expired and over-age messages are deleted from the store.
@@ -167,6 +190,8 @@ pub struct Hub {
     next_token: u64,
     pending: HashMap<u64, Pending>,
     next_expire: Option<Instant>,
+    /// Outbound bridge rules; empty when there is no uplink.
+    outs: Vec<OutRule>,
 }
 
 impl Hub {
@@ -201,7 +226,14 @@ impl Hub {
             next_token: 1,
             pending: HashMap::new(),
             next_expire: None,
+            outs: Vec::new(),
         }
+    }
+
+    /// Sends messages matching `outs` to the uplink: through the outbox (upstream QoS 1/2, or
+    /// QoS 0 rules that buffer) or live (QoS 0).
+    pub fn set_uplink_rules(&mut self, outs: Vec<OutRule>) {
+        self.outs = outs;
     }
 
     /// Loads what the store held: sessions (offline, their queues left in the store until they
@@ -362,8 +394,65 @@ impl Hub {
                 }
             }
             HubInput::Committed { token, outcome } => self.on_committed(now, token, outcome, out),
+            HubInput::Uplink(p) => self.on_uplink_publish(now, p, out),
+            HubInput::System {
+                topic,
+                payload,
+                retain,
+            } => {
+                let msg = Arc::new(Message {
+                    topic,
+                    payload,
+                    qos: QoS::AtMostOnce,
+                    retain,
+                    properties: Props::default(),
+                    origin: Origin::System,
+                    received_at: now,
+                    expires_at: None,
+                });
+                let mut routed = self.route(now, msg, out);
+                self.persist.ops.append(&mut routed.ops);
+            }
         }
         self.flush();
+    }
+
+    /// A message from the cloud: routed like a local publish; its upstream ack waits for the
+    /// commit of its local effects (and, for QoS 2, of its packet id, so a resend after a crash
+    /// is recognised and not delivered twice).
+    fn on_uplink_publish(&mut self, now: Instant, p: Publish, out: &mut dyn Outlet) {
+        self.stats.received += 1;
+        let (props, expires_at) = message::end_to_end(p.properties, now);
+        let msg = Arc::new(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties: props,
+            origin: Origin::Uplink,
+            received_at: now,
+            expires_at,
+        });
+        let mut routed = self.route(now, msg, out);
+        if p.qos == QoS::AtMostOnce {
+            self.persist.ops.append(&mut routed.ops);
+            return;
+        }
+        if p.qos == QoS::ExactlyOnce && self.persist.durable.is_some() {
+            routed.ops.push(Op::Qos2Put {
+                client_id: UPLINK_QOS2_ID.into(),
+                packet_id: p.packet_id,
+            });
+        }
+        let pending = Pending {
+            reply: None,
+            tails: routed.tails,
+            publisher: None,
+            rows: routed.rows,
+            qos2_dup: None,
+            uplink: Some((p.packet_id, p.qos)),
+        };
+        self.submit_gated(now, routed.ops, pending, out);
     }
 
     fn on_committed(&mut self, now: Instant, token: u64, outcome: Outcome, out: &mut dyn Outlet) {
@@ -414,6 +503,12 @@ impl Hub {
             ) {
                 s.inbound_qos2.remove(&a.packet_id);
             }
+        }
+        if let Some((pid, qos)) = p.uplink {
+            if refused {
+                self.stats.refused_full += 1;
+            }
+            out.uplink_ack(pid, qos, !refused);
         }
         let Some((conn, mut packet)) = p.reply else {
             return;
@@ -697,6 +792,7 @@ impl Hub {
                         publisher: None,
                         rows: Vec::new(),
                         qos2_dup: None,
+                        uplink: None,
                     };
                     self.submit_gated(now, vec![op], pending, out);
                 } else {
@@ -788,6 +884,7 @@ impl Hub {
                 publisher: None,
                 rows: Vec::new(),
                 qos2_dup: Some(p.packet_id),
+                uplink: None,
             };
             return self.submit_gated(now, Vec::new(), pending, out);
         }
@@ -867,6 +964,7 @@ impl Hub {
             publisher: Some(id.clone()),
             rows: routed.rows,
             qos2_dup: None,
+            uplink: None,
         };
         self.submit_gated(now, routed.ops, pending, out);
     }
@@ -929,6 +1027,9 @@ impl Hub {
         }
         self.matches = matches;
         routed.reached = merged.len();
+        if !self.outs.is_empty() {
+            self.route_up(&msg, &mut routed, out);
+        }
         for (client, mut item) in merged {
             let Some(s) = self.sessions.get_mut(&client) else {
                 continue;
@@ -960,6 +1061,43 @@ impl Hub {
             }
         }
         routed
+    }
+
+    /// The bridge's share of a message: an outbox row in the same commit as the message's other
+    /// effects (so the publisher's ack covers it), or a live QoS 0 send.
+    fn route_up(&mut self, msg: &Arc<Message>, routed: &mut Routed, out: &mut dyn Outlet) {
+        if matches!(msg.origin, Origin::Uplink | Origin::System) {
+            // What came down never goes back up (the rules refuse loops; this is the guard).
+            return;
+        }
+        let Some((rule, topic)) = self.outs.iter().find_map(|r| r.map(&msg.topic).map(|t| (r, t)))
+        else {
+            return;
+        };
+        routed.reached += 1;
+        let retain = msg.retain && rule.retain;
+        let durable = self.persist.durable.is_some();
+        if durable && (rule.qos != QoS::AtMostOnce || rule.buffer) {
+            let id = self.next_row;
+            self.next_row += 1;
+            let row = durable::outbox_row(rule.priority, topic, msg, rule.qos, retain, &self.persist.clock);
+            routed.ops.push(Op::Insert { id: Some(id), msg: row });
+            self.stats.outboxed += 1;
+            return;
+        }
+        let mut props = msg.properties.clone();
+        if let Some(left) = msg.remaining_expiry(msg.received_at) {
+            props.message_expiry_interval = Some(left);
+        }
+        out.uplink_live(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain,
+            topic,
+            packet_id: 0,
+            payload: msg.payload.clone(),
+            properties: props,
+        });
     }
 
     fn on_subscribe(
@@ -1059,6 +1197,7 @@ impl Hub {
             publisher: None,
             rows: Vec::new(),
             qos2_dup: None,
+            uplink: None,
         };
         self.submit_gated(now, ops, pending, out);
     }
@@ -1202,6 +1341,7 @@ impl Hub {
                 publisher: None,
                 rows: routed.rows,
                 qos2_dup: None,
+                uplink: None,
             };
             self.submit_gated(now, routed.ops, pending, out);
         }

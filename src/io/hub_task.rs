@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::sleep_until_opt;
 use crate::hub::{ConnId, Hub, HubInput, Outlet};
-use crate::proto::mqtt::{Packet, Version};
+use crate::proto::mqtt::{Packet, Publish, QoS, Version};
 use crate::store::Outcome;
 use crate::systemd;
 
@@ -82,7 +82,21 @@ pub enum HubMsg {
     Shutdown(oneshot::Sender<()>),
 }
 
-struct Links(HashMap<ConnId, Link>);
+/// The hub's handles on the uplink driver.
+///
+/// - `live` carries QoS 0 messages to send now; when full they are dropped and counted, as
+///   QoS 0 allows (the uplink is slower than the site, or offline).
+/// - `acks` carries the commit outcome of each inbound message. It never fills: the driver
+///   stops reading from the broker while `INBOUND_WINDOW` messages await their outcome, and
+///   the channel holds that many.
+#[derive(Debug, Clone)]
+pub struct UplinkPorts {
+    pub live: mpsc::Sender<Publish>,
+    pub acks: mpsc::Sender<(u16, QoS, bool)>,
+    pub live_dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct Links(HashMap<ConnId, Link>, Option<UplinkPorts>);
 
 impl Outlet for Links {
     fn try_send(&mut self, conn: ConnId, packet: Packet) -> Result<(), Packet> {
@@ -114,6 +128,24 @@ impl Outlet for Links {
             link.state.close.notify_one();
         }
     }
+
+    fn uplink_live(&mut self, publish: Publish) {
+        if let Some(u) = &self.1 {
+            if u.live.try_send(publish).is_err() {
+                u.live_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn uplink_ack(&mut self, packet_id: u16, qos: QoS, stored: bool) {
+        if let Some(u) = &self.1 {
+            if u.acks.try_send((packet_id, qos, stored)).is_err() {
+                // Cannot happen while the driver keeps its inbound window (see UplinkPorts);
+                // if it did, the broker resends after the next reconnect.
+                tracing::error!(packet_id, "uplink ack channel full; ack dropped");
+            }
+        }
+    }
 }
 
 fn unwrap_packet(item: LinkItem) -> Packet {
@@ -131,8 +163,9 @@ pub async fn run(
     mut rx: mpsc::Receiver<HubMsg>,
     mut commits: mpsc::Receiver<(u64, Outcome)>,
     grace: Duration,
+    uplink: Option<UplinkPorts>,
 ) {
-    let mut links = Links(HashMap::new());
+    let mut links = Links(HashMap::new(), uplink);
     let mut done: Option<(oneshot::Sender<()>, Instant)> = None;
     let mut status = tokio::time::interval(STATUS_EVERY);
     loop {

@@ -4,10 +4,14 @@
 //! - `hub_task`: the tokio task that owns the `Hub`, and the bounded links to connections.
 //! - `mqtt_listener`: TCP accept loop and one task per MQTT connection.
 //! - `store_link`: the hub's `Durable` over the SQLite store, and commit completions.
+//! - `uplink`: the connection to the cloud broker, driving `proto::mqtt::client`.
+//! - `tls`: rustls client setup for the uplink.
 
 pub mod hub_task;
 pub mod mqtt_listener;
 pub mod store_link;
+pub mod tls;
+pub mod uplink;
 
 use tokio::time::Instant;
 

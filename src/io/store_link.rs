@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::hub::durable::Durable;
 use crate::store::{Dest, Op, Outcome, Store, StoredMessage};
@@ -19,20 +19,41 @@ pub const COMMITS_QUEUE: usize = 32_768;
 pub struct StoreLink {
     store: Arc<Store>,
     commits: mpsc::Sender<(u64, Outcome)>,
+    /// Woken when outbox rows commit, so the uplink drains them without polling.
+    outbox: Option<Arc<Notify>>,
 }
 
 impl StoreLink {
-    pub fn new(store: Arc<Store>, commits: mpsc::Sender<(u64, Outcome)>) -> Self {
-        StoreLink { store, commits }
+    pub fn new(
+        store: Arc<Store>,
+        commits: mpsc::Sender<(u64, Outcome)>,
+        outbox: Option<Arc<Notify>>,
+    ) -> Self {
+        StoreLink {
+            store,
+            commits,
+            outbox,
+        }
     }
 }
 
 impl Durable for StoreLink {
     fn submit(&mut self, token: u64, ops: Vec<Op>) {
+        let wake = self
+            .outbox
+            .as_ref()
+            .filter(|_| {
+                ops.iter()
+                    .any(|o| matches!(o, Op::Insert { msg, .. } if matches!(msg.dest, Dest::Outbox(_))))
+            })
+            .cloned();
         let done: crate::store::Completion = if token == 0 {
-            Box::new(|o| {
+            Box::new(move |o| {
                 if let Err(e) = o {
                     tracing::error!(error = %e, "store write failed");
+                }
+                if let Some(w) = wake {
+                    w.notify_one();
                 }
             })
         } else {
@@ -40,6 +61,9 @@ impl Durable for StoreLink {
             // Runs on the writer thread, which is not a runtime thread, so blocking is allowed.
             Box::new(move |o| {
                 let _ = tx.blocking_send((token, o));
+                if let Some(w) = wake {
+                    w.notify_one();
+                }
             })
         };
         if let Err(e) = self.store.submit(ops, done) {

@@ -393,25 +393,31 @@ impl Store {
             )?;
             let rows = st.query_map(
                 params![dest.kind(), dest.name(), after, limit as i64],
-                |r| {
-                    Ok(StoredMessage {
-                        id: r.get(0)?,
-                        msg: NewMessage {
-                            dest: dest.clone(),
-                            topic: r.get(1)?,
-                            payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-                            qos: r.get(3)?,
-                            retain: r.get(4)?,
-                            props: Bytes::from(r.get::<_, Vec<u8>>(5)?),
-                            sub_ids: Bytes::from(r.get::<_, Vec<u8>>(6)?),
-                            received_ms: r.get(7)?,
-                            expires_ms: r.get(8)?,
-                        },
-                        state: r.get(9)?,
-                        packet_id: r.get(10)?,
-                    })
-                },
+                |r| message_from_row(r, dest.clone()),
             )?;
+            rows.collect()
+        })
+    }
+
+    /// The outbox classes that hold messages.
+    pub fn outbox_classes(&self) -> Result<Vec<Dest>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare("SELECT DISTINCT dest FROM messages WHERE kind = 0")?;
+            let rows = st.query_map([], |r| Ok(Dest::Outbox(r.get(0)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Outbox messages whose PUBREC was recorded (state 2): after a restart their PUBREL goes
+    /// again, never their PUBLISH.
+    pub fn outbox_released(&self) -> Result<Vec<StoredMessage>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT id, topic, payload, qos, retain, props, sub_ids, received_ms, expires_ms,
+                        state, packet_id, dest
+                 FROM messages WHERE kind = 0 AND state = 2 ORDER BY id",
+            )?;
+            let rows = st.query_map([], |r| message_from_row(r, Dest::Outbox(r.get(11)?)))?;
             rows.collect()
         })
     }
@@ -507,6 +513,25 @@ impl Store {
             let _ = w.join();
         }
     }
+}
+
+fn message_from_row(r: &rusqlite::Row<'_>, dest: Dest) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        id: r.get(0)?,
+        msg: NewMessage {
+            dest,
+            topic: r.get(1)?,
+            payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+            qos: r.get(3)?,
+            retain: r.get(4)?,
+            props: Bytes::from(r.get::<_, Vec<u8>>(5)?),
+            sub_ids: Bytes::from(r.get::<_, Vec<u8>>(6)?),
+            received_ms: r.get(7)?,
+            expires_ms: r.get(8)?,
+        },
+        state: r.get(9)?,
+        packet_id: r.get(10)?,
+    })
 }
 
 impl Drop for Store {

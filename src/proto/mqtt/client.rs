@@ -169,9 +169,19 @@ impl ClientSession {
         self.state == State::Connected && self.inflight.len() < self.window()
     }
 
+    /// The protocol level in use.
+    pub fn version(&self) -> Version {
+        self.cfg.version
+    }
+
     /// True once CONNACK accepted the current connection.
     pub fn is_connected(&self) -> bool {
         self.state == State::Connected
+    }
+
+    /// True while outbox row `tag` is in flight.
+    pub fn contains(&self, tag: Tag) -> bool {
+        self.inflight.iter().any(|o| o.tag == tag)
     }
 
     /// Messages the broker has not yet acknowledged.
@@ -456,6 +466,20 @@ impl ClientSession {
             (_, Packet::PubAck(a)) => self.finish(a, Stage::Sent, QoS::AtLeastOnce),
             (_, Packet::PubComp(a)) => self.finish(a, Stage::Released, QoS::ExactlyOnce),
             (_, Packet::PubRec(a)) => {
+                if let Some(o) = self.inflight.iter().find(|o| o.pid == a.packet_id) {
+                    match o.stage {
+                        // Already being persisted: its PUBREL follows `release`.
+                        Stage::Releasing => return,
+                        Stage::Released => {
+                            let rel = Ack {
+                                packet_id: a.packet_id,
+                                ..Ack::default()
+                            };
+                            return self.send(now, Packet::PubRel(rel));
+                        }
+                        Stage::Sent => {}
+                    }
+                }
                 let Some(i) = self.find(a.packet_id, Stage::Sent, QoS::ExactlyOnce) else {
                     // Not ours (any more): release it so the broker can forget it.
                     let rel = Ack {
