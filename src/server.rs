@@ -11,6 +11,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
+use crate::bridge::rules::Rules;
 use crate::config::{self, Config, ListenerKind};
 use crate::hub::durable::Clock;
 use crate::hub::{Hub, HubConfig, Restored};
@@ -18,7 +19,6 @@ use crate::io::hub_task::{self, HubMsg, HUB_QUEUE};
 use crate::io::mqtt_listener::{self, ListenerShared};
 use crate::io::store_link::{StoreLink, COMMITS_QUEUE};
 use crate::io::uplink::{self, UplinkSetup};
-use crate::bridge::rules::Rules;
 use crate::proto::mqtt::server::ServerLimits;
 use crate::store::{self, Store, StoreConfig, StoreError};
 use crate::systemd;

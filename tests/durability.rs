@@ -7,62 +7,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::rq::{client, drain, publish_until_killed, register};
 use common::Outpost;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use tokio::time::timeout;
-
-fn client(port: u16, id: &str, clean: bool) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(clean);
-    opts.set_inflight(20);
-    AsyncClient::new(opts, 64)
-}
-
-/// Connects, subscribes `filter` at QoS 2 with a persistent session, waits for SUBACK (which
-/// outpost sends only once the subscription is on disk) and disconnects.
-async fn register(port: u16, id: &str, filter: &str) {
-    let (c, mut ev) = client(port, id, false);
-    c.subscribe(filter, QoS::ExactlyOnce).await.unwrap();
-    timeout(Duration::from_secs(10), async {
-        loop {
-            match ev.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => panic!("register {id}: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("SUBACK");
-    c.disconnect().await.unwrap();
-    let _ = timeout(Duration::from_secs(2), async {
-        while ev.poll().await.is_ok() {}
-    })
-    .await;
-}
-
-/// Reconnects the persistent session and collects payloads until `quiet` passes with none.
-async fn drain(port: u16, id: &str, quiet: Duration) -> (bool, Vec<String>) {
-    let (_c, mut ev) = client(port, id, false);
-    let mut present = false;
-    let mut got = Vec::new();
-    loop {
-        match timeout(quiet, ev.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) => present = a.session_present,
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                got.push(String::from_utf8_lossy(&p.payload).into_owned())
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("drain {id}: {e}"),
-            Err(_) => break,
-        }
-    }
-    (present, got)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_session_and_retained_survive_kill_9() {
@@ -116,72 +67,6 @@ async fn persistent_session_and_retained_survive_kill_9() {
     assert_eq!(retained, (true, "still here".to_owned()));
 }
 
-/// One publisher run against one outpost instance: publishes alternating QoS 1 and QoS 2
-/// messages until the connection dies, recording which sequence numbers were acknowledged
-/// (PUBACK for QoS 1, PUBREC for QoS 2: the moment outpost took responsibility).
-async fn publish_until_killed(
-    port: u16,
-    run: usize,
-    first_seq: u64,
-    acked: &mut BTreeMap<u64, QoS>,
-) -> u64 {
-    let (c, mut ev) = client(port, &format!("crash-pub-{run}"), true);
-    let sender = {
-        let c = c.clone();
-        tokio::spawn(async move {
-            let mut seq = first_seq;
-            loop {
-                let qos = if seq % 2 == 0 {
-                    QoS::AtLeastOnce
-                } else {
-                    QoS::ExactlyOnce
-                };
-                let topic = if qos == QoS::AtLeastOnce {
-                    "crash/q1"
-                } else {
-                    "crash/q2"
-                };
-                if c.publish(topic, qos, false, seq.to_string()).await.is_err() {
-                    break;
-                }
-                seq += 1;
-            }
-        })
-    };
-    // rumqttc assigns packet ids in publish order: map each outgoing id to its sequence number.
-    let mut outgoing: VecDeque<u64> = VecDeque::new();
-    let mut by_pid: HashMap<u16, (u64, QoS)> = HashMap::new();
-    let mut next = first_seq;
-    loop {
-        match timeout(Duration::from_secs(5), ev.poll()).await {
-            Ok(Ok(Event::Outgoing(Outgoing::Publish(pid)))) => {
-                let qos = if next % 2 == 0 {
-                    QoS::AtLeastOnce
-                } else {
-                    QoS::ExactlyOnce
-                };
-                by_pid.insert(pid, (next, qos));
-                outgoing.push_back(next);
-                next += 1;
-            }
-            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => {
-                if let Some((seq, q)) = by_pid.remove(&a.pkid) {
-                    acked.insert(seq, q);
-                }
-            }
-            Ok(Ok(Event::Incoming(Packet::PubRec(r)))) => {
-                if let Some((seq, q)) = by_pid.remove(&r.pkid) {
-                    acked.insert(seq, q);
-                }
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => break,
-        }
-    }
-    sender.abort();
-    next
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_random_kill_9() {
     const KILLS: usize = 20;
@@ -203,7 +88,8 @@ async fn acknowledged_messages_survive_random_kill_9() {
         let delay = next_delay();
         let publisher = tokio::spawn(async move {
             let mut acked = BTreeMap::new();
-            let next = publish_until_killed(port, run, seq, &mut acked).await;
+            let next =
+                publish_until_killed(port, run, seq, ("crash/q1", "crash/q2"), &mut acked).await;
             (acked, next)
         });
         tokio::time::sleep(delay).await;

@@ -105,17 +105,30 @@ mod tests {
 
     #[test]
     fn lower_priority_first_then_id_order_and_new_rows_after_wake() {
-        let mut table: Vec<StoredMessage> = (1..=1200).map(|i| row(i, if i % 3 == 0 { 0 } else { 5 })).collect();
+        let mut table: Vec<StoredMessage> = (1..=1200)
+            .map(|i| row(i, if i % 3 == 0 { 0 } else { 5 }))
+            .collect();
         let mut o = Outbox::new([outbox_dest(5), outbox_dest(0)]);
-        let read = |t: &Vec<StoredMessage>, d: &Dest, after: i64, n: usize| -> Result<Vec<StoredMessage>, ()> {
-            Ok(t.iter().filter(|r| &r.msg.dest == d && r.id > after).take(n).cloned().collect())
+        let read = |t: &Vec<StoredMessage>,
+                    d: &Dest,
+                    after: i64,
+                    n: usize|
+         -> Result<Vec<StoredMessage>, ()> {
+            Ok(t.iter()
+                .filter(|r| &r.msg.dest == d && r.id > after)
+                .take(n)
+                .cloned()
+                .collect())
         };
         let mut got = Vec::new();
         while let Some(r) = o.next(|d, a, n| read(&table, d, a, n)).unwrap() {
             got.push(r.id);
         }
         assert_eq!(got.len(), 1200);
-        assert!(got[..400].iter().all(|i| i % 3 == 0), "priority 0 drains first");
+        assert!(
+            got[..400].iter().all(|i| i % 3 == 0),
+            "priority 0 drains first"
+        );
         assert!(got[..400].windows(2).all(|w| w[0] < w[1]));
         assert!(got[400..].windows(2).all(|w| w[0] < w[1]));
         // Nothing more until a commit wakes it.
@@ -125,6 +138,9 @@ mod tests {
         let r = o.next(|d, a, n| read(&table, d, a, n)).unwrap().unwrap();
         assert_eq!(r.id, 1201);
         o.unread(r);
-        assert_eq!(o.next(|d, a, n| read(&table, d, a, n)).unwrap().unwrap().id, 1201);
+        assert_eq!(
+            o.next(|d, a, n| read(&table, d, a, n)).unwrap().unwrap().id,
+            1201
+        );
     }
 }

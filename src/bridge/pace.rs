@@ -33,7 +33,11 @@ impl Backoff {
         self.attempt = self.attempt.saturating_add(1);
         let half = base / 2;
         let span = (base - half).as_millis() as u64;
-        let jitter = if span == 0 { 0 } else { self.random() % (span + 1) };
+        let jitter = if span == 0 {
+            0
+        } else {
+            self.random() % (span + 1)
+        };
         half + Duration::from_millis(jitter)
     }
 
@@ -121,7 +125,10 @@ mod tests {
         assert!(d[0] >= Duration::from_millis(500) && d[0] <= Duration::from_secs(1));
         assert!(d[3] >= Duration::from_secs(4) && d[3] <= Duration::from_secs(8));
         for x in &d[9..] {
-            assert!(*x >= Duration::from_secs(150) && *x <= Duration::from_secs(300), "{x:?}");
+            assert!(
+                *x >= Duration::from_secs(150) && *x <= Duration::from_secs(300),
+                "{x:?}"
+            );
         }
         let mut other = Backoff::new(Duration::from_secs(1), Duration::from_secs(300), 7);
         let e: Vec<Duration> = (0..12).map(|_| other.next_delay()).collect();
@@ -153,7 +160,10 @@ mod tests {
         assert!(b.take(t0, 600).is_err());
         assert!(b.take(t0 + Duration::from_millis(300), 600).is_ok());
         let mut big = RateLimit::new(0, 1000, t0);
-        assert!(big.take(t0, 5000).is_ok(), "an oversized message is slowed, not stuck");
+        assert!(
+            big.take(t0, 5000).is_ok(),
+            "an oversized message is slowed, not stuck"
+        );
         let mut free = RateLimit::new(0, 0, t0);
         assert!((0..10_000).all(|_| free.take(t0, 1 << 20).is_ok()));
     }

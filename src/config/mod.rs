@@ -256,7 +256,12 @@ impl Config {
             if let Some((key, msg)) = u.problems() {
                 let pos = text
                     .find("[uplink]")
-                    .and_then(|s| text[s..].find(&format!("{key} ")).or_else(|| text[s..].find(&format!("{key}="))).map(|k| s + k))
+                    .and_then(|s| {
+                        text[s..]
+                            .find(&format!("{key} "))
+                            .or_else(|| text[s..].find(&format!("{key}=")))
+                            .map(|k| s + k)
+                    })
                     .unwrap_or(0);
                 return Err(invalid(path, text, pos, msg));
             }

@@ -219,10 +219,7 @@ impl Uplink {
             return Some(("client_id", "must not be empty".into()));
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
-            return Some((
-                "cert_file",
-                "cert_file and key_file go together".into(),
-            ));
+            return Some(("cert_file", "cert_file and key_file go together".into()));
         }
         let tls = Url::parse(&self.url).is_ok_and(|u| u.scheme.tls());
         if !tls && (self.ca_file.is_some() || self.cert_file.is_some() || !self.alpn.is_empty()) {
@@ -252,14 +249,27 @@ mod tests {
     #[test]
     fn urls() {
         let u = Url::parse("mqtts://broker.example.com").unwrap();
-        assert_eq!((u.scheme, u.host.as_str(), u.port), (Scheme::Mqtts, "broker.example.com", 8883));
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port),
+            (Scheme::Mqtts, "broker.example.com", 8883)
+        );
         let u = Url::parse("mqtt://127.0.0.1:1884").unwrap();
         assert_eq!((u.scheme, u.port), (Scheme::Mqtt, 1884));
         let u = Url::parse("wss://a.iot.eu-west-1.amazonaws.com/mqtt").unwrap();
-        assert_eq!((u.scheme, u.port, u.path.as_str()), (Scheme::Wss, 443, "/mqtt"));
+        assert_eq!(
+            (u.scheme, u.port, u.path.as_str()),
+            (Scheme::Wss, 443, "/mqtt")
+        );
         let u = Url::parse("mqtt://[::1]:2000").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 2000));
-        for bad in ["broker:1883", "http://x", "mqtt://:1883", "mqtt://x:0", "mqtt://x:99999", "mqtt://x/path"] {
+        for bad in [
+            "broker:1883",
+            "http://x",
+            "mqtt://:1883",
+            "mqtt://x:0",
+            "mqtt://x:99999",
+            "mqtt://x/path",
+        ] {
             assert!(Url::parse(bad).is_err(), "{bad}");
         }
     }

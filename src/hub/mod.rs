@@ -20,13 +20,13 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::bridge::rules::OutRule;
 use crate::proto::mqtt::server::CloseReason;
 use crate::proto::mqtt::SubOptions;
 use crate::proto::mqtt::{
     reason, Ack, ConnAck, Connect, Disconnect, Packet, Props, Publish, QoS, SubAck, Subscribe,
     UnsubAck, Unsubscribe, Version, Will,
 };
-use crate::bridge::rules::OutRule;
 use crate::proto::topic;
 use crate::store::{Op, OpResult, Outcome, StoredRetained, StoredSession, StoredSubscription};
 use durable::{Clock, Durable};
@@ -1070,7 +1070,10 @@ impl Hub {
             // What came down never goes back up (the rules refuse loops; this is the guard).
             return;
         }
-        let Some((rule, topic)) = self.outs.iter().find_map(|r| r.map(&msg.topic).map(|t| (r, t)))
+        let Some((rule, topic)) = self
+            .outs
+            .iter()
+            .find_map(|r| r.map(&msg.topic).map(|t| (r, t)))
         else {
             return;
         };
@@ -1080,8 +1083,18 @@ impl Hub {
         if durable && (rule.qos != QoS::AtMostOnce || rule.buffer) {
             let id = self.next_row;
             self.next_row += 1;
-            let row = durable::outbox_row(rule.priority, topic, msg, rule.qos, retain, &self.persist.clock);
-            routed.ops.push(Op::Insert { id: Some(id), msg: row });
+            let row = durable::outbox_row(
+                rule.priority,
+                topic,
+                msg,
+                rule.qos,
+                retain,
+                &self.persist.clock,
+            );
+            routed.ops.push(Op::Insert {
+                id: Some(id),
+                msg: row,
+            });
             self.stats.outboxed += 1;
             return;
         }

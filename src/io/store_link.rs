@@ -43,8 +43,9 @@ impl Durable for StoreLink {
             .outbox
             .as_ref()
             .filter(|_| {
-                ops.iter()
-                    .any(|o| matches!(o, Op::Insert { msg, .. } if matches!(msg.dest, Dest::Outbox(_))))
+                ops.iter().any(
+                    |o| matches!(o, Op::Insert { msg, .. } if matches!(msg.dest, Dest::Outbox(_))),
+                )
             })
             .cloned();
         let done: crate::store::Completion = if token == 0 {

@@ -61,7 +61,10 @@ impl Connector {
                     .and_then(|it| it.collect())
                     .map_err(|e| format!("cert_file {}: {e}", cert.display()))?;
                 if chain.is_empty() {
-                    return Err(format!("cert_file {}: no certificates in it", cert.display()));
+                    return Err(format!(
+                        "cert_file {}: no certificates in it",
+                        cert.display()
+                    ));
                 }
                 let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
                     format!(

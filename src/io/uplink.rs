@@ -228,7 +228,11 @@ pub fn start(
         hub: setup.hub,
         outbox: Outbox::new(classes),
         outbox_wake: setup.outbox_wake,
-        rate: RateLimit::new(c.rate_limit.messages_per_s, c.rate_limit.bytes_per_s, now.into_std()),
+        rate: RateLimit::new(
+            c.rate_limit.messages_per_s,
+            c.rate_limit.bytes_per_s,
+            now.into_std(),
+        ),
         rate_wake: None,
         backoff: Backoff::new(c.backoff.min.0, c.backoff.max.0, seed),
         ch,
@@ -288,7 +292,13 @@ impl Driver {
             let reason = match self.connect(&target).await {
                 Ok(stream) => {
                     self.stats.connects += 1;
-                    self.serve(stream).await
+                    let since = Instant::now();
+                    let r = self.serve(stream).await;
+                    if since.elapsed() >= self.keepalive {
+                        // It held for a while: this is a new outage, not the same one.
+                        self.backoff.reset();
+                    }
+                    r
                 }
                 Err(e) => e,
             };
@@ -331,7 +341,9 @@ impl Driver {
     }
 
     async fn connect(&mut self, target: &str) -> Result<Box<dyn Stream>, String> {
-        let limit = self.keepalive.clamp(Duration::from_secs(5), Duration::from_secs(30));
+        let limit = self
+            .keepalive
+            .clamp(Duration::from_secs(5), Duration::from_secs(30));
         let tcp = match tokio::time::timeout(limit, TcpStream::connect(target)).await {
             Err(_) => return Err(format!("connect to {target}: timed out after {limit:?}")),
             Ok(Err(e)) => return Err(format!("connect to {target}: {e}")),
@@ -409,7 +421,10 @@ impl Driver {
         let now = Instant::now();
         while self.session.can_send() && self.rate_wake.is_none() {
             let store = &self.store;
-            let row = match self.outbox.next(|d, after, n| store.read_window(d, after, n)) {
+            let row = match self
+                .outbox
+                .next(|d, after, n| store.read_window(d, after, n))
+            {
                 Ok(Some(r)) => r,
                 Ok(None) => break,
                 Err(e) => {
@@ -476,7 +491,9 @@ impl Driver {
                     Ok(_) => {
                         let _ = tx.blocking_send(d);
                     }
-                    Err(e) => tracing::error!(error = %e, "uplink store write failed; ack withheld"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "uplink store write failed; ack withheld")
+                    }
                 })
             }
         };
@@ -496,12 +513,16 @@ impl Driver {
     fn on_ack(&mut self, (pid, qos, stored): (u16, QoS, bool)) {
         self.inbound_pending = self.inbound_pending.saturating_sub(1);
         if stored {
-            self.session.ack_inbound(Instant::now().into_std(), pid, qos);
+            self.session
+                .ack_inbound(Instant::now().into_std(), pid, qos);
         } else {
             // Not stored (store full or failing): no ack; the broker resends it after the
             // next reconnect.
             self.session.drop_inbound(pid);
-            tracing::warn!(packet_id = pid, "inbound message not stored; not acknowledged");
+            tracing::warn!(
+                packet_id = pid,
+                "inbound message not stored; not acknowledged"
+            );
         }
     }
 
@@ -510,11 +531,15 @@ impl Driver {
         while let Some(e) = self.session.poll_event() {
             match e {
                 ClientEvent::Connected { session_present } => {
-                    self.backoff.reset();
                     tracing::info!(url = %self.url_text(), session_present, inflight = self.session.inflight(), "uplink connected");
-                    self.publish_state(Phase::Connected { session_present }).await;
-                    let filters: Vec<(String, QoS)> =
-                        self.rules.ins.iter().map(|r| (r.filter.clone(), r.qos)).collect();
+                    self.publish_state(Phase::Connected { session_present })
+                        .await;
+                    let filters: Vec<(String, QoS)> = self
+                        .rules
+                        .ins
+                        .iter()
+                        .map(|r| (r.filter.clone(), r.qos))
+                        .collect();
                     self.session.subscribe(Instant::now().into_std(), &filters);
                     self.outbox.wake(None);
                 }
@@ -522,6 +547,9 @@ impl Driver {
                     return Some(format!("broker refused the connection: code 0x{code:02x}"))
                 }
                 ClientEvent::Delivered { tag, .. } => {
+                    // A connection that delivers is a good one; one that is accepted and then
+                    // dropped at once keeps backing off.
+                    self.backoff.reset();
                     self.stats.delivered += 1;
                     self.delete(tag);
                 }
@@ -535,7 +563,11 @@ impl Driver {
                 }
                 ClientEvent::Rejected { tag, reason } => {
                     self.stats.rejected += 1;
-                    tracing::warn!(row = tag, reason = format!("0x{reason:02x}"), "broker refused a message; dropping it");
+                    tracing::warn!(
+                        row = tag,
+                        reason = format!("0x{reason:02x}"),
+                        "broker refused a message; dropping it"
+                    );
                     self.delete(tag);
                 }
                 ClientEvent::Inbound(mut p) => {
@@ -545,7 +577,8 @@ impl Driver {
                         // acknowledged and not delivered.
                         tracing::debug!(topic = %p.topic, "inbound message matches no rule");
                         if p.qos != QoS::AtMostOnce {
-                            self.session.ack_inbound(Instant::now().into_std(), p.packet_id, p.qos);
+                            self.session
+                                .ack_inbound(Instant::now().into_std(), p.packet_id, p.qos);
                         }
                         continue;
                     };
@@ -553,7 +586,12 @@ impl Driver {
                     if p.qos != QoS::AtMostOnce {
                         self.inbound_pending += 1;
                     }
-                    if self.hub.send(HubMsg::Input(HubInput::Uplink(p))).await.is_err() {
+                    if self
+                        .hub
+                        .send(HubMsg::Input(HubInput::Uplink(p)))
+                        .await
+                        .is_err()
+                    {
                         return Some("outpost is stopping".into());
                     }
                 }
@@ -578,7 +616,11 @@ impl Driver {
     }
 
     fn url_text(&self) -> String {
-        format!("{:?}://{}:{}", self.url.scheme, self.url.host, self.url.port).to_lowercase()
+        format!(
+            "{:?}://{}:{}",
+            self.url.scheme, self.url.host, self.url.port
+        )
+        .to_lowercase()
     }
 
     async fn publish_state(&mut self, phase: Phase<'_>) {

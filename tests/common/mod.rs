@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod rq;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -133,6 +133,11 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// With `extra` lines appended to the config (more listeners, TLS files).
+    pub fn start_with(extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -143,7 +148,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages 0\nuser root\nlog_dest none\n"
+                 max_queued_messages 0\nuser root\nlog_dest none\n{extra}"
             ),
         )
         .expect("mosquitto config");

@@ -488,6 +488,9 @@ impl ClientSession {
                     };
                     return self.send(now, Packet::PubRel(rel));
                 };
+                if is_transient(a.reason) {
+                    return self.busy(a.reason);
+                }
                 if a.reason >= 0x80 {
                     let o = self.inflight.remove(i);
                     self.events.push_back(ClientEvent::Rejected {
@@ -626,6 +629,9 @@ impl ClientSession {
         let Some(i) = self.find(a.packet_id, stage, qos) else {
             return;
         };
+        if is_transient(a.reason) {
+            return self.busy(a.reason);
+        }
         let o = self.inflight.remove(i);
         let event = if a.reason >= 0x80 {
             ClientEvent::Rejected {
@@ -639,6 +645,14 @@ impl ClientSession {
             }
         };
         self.events.push_back(event);
+    }
+
+    /// The broker cannot take the message now (quota, overload): not a verdict on the
+    /// message. It stays in flight and goes again on the next connection, after a backoff.
+    fn busy(&mut self, code: u8) {
+        self.lost(format!(
+            "broker is busy (reason 0x{code:02x}); retrying after a backoff"
+        ));
     }
 
     fn fits(&self, p: &Publish) -> bool {
@@ -655,6 +669,11 @@ impl ClientSession {
         self.events.push_back(ClientEvent::Lost { reason });
         self.connection_lost();
     }
+}
+
+/// Failure codes that say "not now" rather than "never": quota exceeded, server busy.
+fn is_transient(code: u8) -> bool {
+    matches!(code, reason::QUOTA_EXCEEDED | reason::SERVER_BUSY)
 }
 
 fn disconnect(code: u8) -> Packet {
@@ -979,6 +998,29 @@ mod tests {
         assert!(
             matches!(&p[1], Packet::Publish(p) if p.topic.is_empty() && p.properties.topic_alias == Some(1)),
             "a satellite link pays per byte"
+        );
+    }
+
+    #[test]
+    fn quota_exceeded_keeps_the_message_and_backs_off() {
+        let v = Version::V5;
+        let (mut c, t) = connected(v, Properties::default());
+        c.publish(t, 11, msg("a", QoS::ExactlyOnce)).unwrap();
+        c.take_transmit();
+        feed(
+            &mut c,
+            t,
+            v,
+            Packet::PubRec(Ack {
+                packet_id: packet_id_for(11),
+                reason: reason::QUOTA_EXCEEDED,
+                ..Ack::default()
+            }),
+        );
+        assert!(matches!(&events(&mut c)[..], [ClientEvent::Lost { .. }]));
+        assert!(
+            c.contains(11),
+            "not dropped: it goes again after the reconnect"
         );
     }
 

@@ -1,0 +1,445 @@
+//! The uplink against a real mosquitto as the cloud broker, through the fault proxy: store and
+//! forward, a black-holed link, SIGKILLs on a flaky link, inbound commands across a crash, and
+//! mutual TLS. Clients on both sides are rumqttc, which we did not write.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::proxy::{Mode, Mosquitto, Proxy};
+use common::rq::{client, drain, publish_until_killed, register};
+use common::Outpost;
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use tokio::time::timeout;
+
+const RULES: &str = r#"
+[[out]]
+filter = "sensors/q1/#"
+remote_prefix = "sites/{gateway_id}/"
+qos = 1
+
+[[out]]
+filter = "sensors/q2/#"
+remote_prefix = "sites/{gateway_id}/"
+qos = 2
+
+[[in]]
+filter = "sites/{gateway_id}/cmd/#"
+remote_prefix = "sites/{gateway_id}/"
+local_prefix = ""
+qos = 2
+"#;
+
+/// Writes the rule set and returns the `[uplink]` section for `port`.
+fn uplink(rules: &Path, port: u16, keepalive: &str, more: &str) -> String {
+    std::fs::create_dir_all(rules).unwrap();
+    std::fs::write(rules.join("rules.toml"), RULES).unwrap();
+    format!(
+        "[uplink]\nurl = \"mqtt://127.0.0.1:{port}\"\nkeepalive = \"{keepalive}\"\n\
+         backoff = {{ min = \"100ms\", max = \"1s\" }}\nrules_dir = \"{}\"\n{more}",
+        rules.display()
+    )
+}
+
+/// A cloud-side subscriber that records every payload it receives, in order.
+struct Cloud {
+    got: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+    _client: AsyncClient,
+}
+
+impl Cloud {
+    async fn subscribe(port: u16, filter: &str) -> Cloud {
+        let (c, mut ev) = client(port, "cloud-app", true);
+        c.subscribe(filter, QoS::ExactlyOnce).await.unwrap();
+        wait_suback(&mut ev).await;
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => sink
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&p.payload).into_owned()),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Cloud {
+            got,
+            task,
+            _client: c,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    fn payloads(&self) -> Vec<String> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for what arrived, or `limit` passes.
+    async fn wait(&self, limit: Duration, done: impl Fn(&[String]) -> bool) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if done(&self.got.lock().unwrap()) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn wait_suback(ev: &mut EventLoop) {
+    timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(_))) = ev.poll().await {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("SUBACK");
+}
+
+/// Publishes `n` QoS 1 messages with payloads `first..first+n` and waits for every PUBACK.
+async fn publish_acked(port: u16, topic: &str, first: usize, n: usize) {
+    let (c, mut ev) = client(port, &format!("local-pub-{first}"), true);
+    let topic = topic.to_owned();
+    let sender = tokio::spawn(async move {
+        for i in first..first + n {
+            c.publish(&topic, QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .unwrap();
+        }
+        c
+    });
+    let mut acks = 0;
+    timeout(Duration::from_secs(120), async {
+        while acks < n {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
+                Ok(_) => {}
+                Err(e) => panic!("local publisher: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {acks} of {n} PUBACKs"));
+    let _ = sender.await;
+}
+
+/// The retained uplink state, read by a local subscriber.
+async fn state(port: u16) -> String {
+    let (c, mut ev) = client(port, "state-reader", true);
+    c.subscribe("$SYS/outpost/uplink/state", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = ev.poll().await {
+                return String::from_utf8_lossy(&p.payload).into_owned();
+            }
+        }
+    })
+    .await
+    .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_and_forward_10k_in_order() {
+    let m = Mosquitto::start();
+    let proxy = Proxy::start(m.port);
+    proxy.set(Mode::Refuse);
+    let rules = tempfile::tempdir().unwrap();
+    let o = Outpost::start(&uplink(rules.path(), proxy.port, "5s", ""));
+    let cloud = Cloud::subscribe(m.port, "sites/test/#").await;
+
+    const N: usize = 10_000;
+    publish_acked(o.port, "sensors/q1/flow", 0, N).await;
+    let s = state(o.port).await;
+    assert!(s.contains("\"state\":\"backoff\""), "uplink is down: {s}");
+    assert_eq!(cloud.count(), 0, "nothing passes while the link is down");
+
+    let up = Instant::now();
+    proxy.set(Mode::Pass);
+    let all = cloud.wait(Duration::from_secs(120), |g| g.len() >= N).await;
+    let took = up.elapsed();
+    let got = cloud.payloads();
+    assert!(all, "only {} of {N} arrived; log:\n{}", got.len(), o.log());
+    let want: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "every message, in order");
+    let (bytes_up, _) = proxy.bytes();
+    println!(
+        "store-and-forward: {N} messages drained in {:.2}s ({:.0} msg/s, including reconnect), \
+         {:.1} bytes up per message",
+        took.as_secs_f64(),
+        N as f64 / took.as_secs_f64(),
+        bytes_up as f64 / N as f64
+    );
+    assert!(state(o.port).await.contains("\"state\":\"connected\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_hole_is_noticed_within_one_and_a_half_keepalives() {
+    let m = Mosquitto::start();
+    let proxy = Proxy::start(m.port);
+    let rules = tempfile::tempdir().unwrap();
+    let o = Outpost::start(&uplink(rules.path(), proxy.port, "2s", ""));
+    let cloud = Cloud::subscribe(m.port, "sites/test/#").await;
+    publish_acked(o.port, "sensors/q1/a", 0, 10).await;
+    assert!(cloud.wait(Duration::from_secs(10), |g| g.len() >= 10).await);
+
+    // Watch the state from a local subscriber while the path goes silent.
+    let (c, mut ev) = client(o.port, "state-watch", true);
+    c.subscribe("$SYS/outpost/uplink/state", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    wait_suback(&mut ev).await;
+    proxy.set(Mode::BlackHole);
+    let holed = Instant::now();
+    // Traffic keeps flowing locally meanwhile; it is acknowledged (it is on disk).
+    let publisher = tokio::spawn({
+        let port = o.port;
+        async move { publish_acked(port, "sensors/q1/a", 10, 200).await }
+    });
+    let noticed = timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = ev.poll().await {
+                let s = String::from_utf8_lossy(&p.payload).into_owned();
+                if !s.contains("\"state\":\"connected\"") {
+                    return (holed.elapsed(), s);
+                }
+            }
+        }
+    })
+    .await;
+    let (after, s) = noticed.unwrap_or_else(|_| panic!("never noticed; log:\n{}", o.log()));
+    println!("black hole noticed after {after:?} (keepalive 2s): {s}");
+    assert!(after <= Duration::from_millis(3_500), "{after:?}");
+    publisher.await.unwrap();
+
+    proxy.set(Mode::Pass);
+    let all = cloud
+        .wait(Duration::from_secs(30), |g| g.len() >= 210)
+        .await;
+    let got = cloud.payloads();
+    assert!(all, "only {} of 210 arrived; log:\n{}", got.len(), o.log());
+    let mut seen: Vec<usize> = got.iter().map(|p| p.parse().unwrap()).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, (0..210).collect::<Vec<_>>(), "nothing lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_reach_the_cloud_across_kills_and_a_flaky_link() {
+    const KILLS: usize = 20;
+    let m = Mosquitto::start();
+    let proxy = Arc::new(Proxy::start(m.port));
+    let rules = tempfile::tempdir().unwrap();
+    let cfg = uplink(rules.path(), proxy.port, "2s", "max_inflight = 32\n");
+    let cloud = Cloud::subscribe(m.port, "sites/test/#").await;
+    let mut o = Outpost::start(&cfg);
+
+    // The link misbehaves on its own schedule: cuts, black holes, refusals, good spells.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flapper = {
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rng: u64 = 0x0f1a_4b17;
+            let mut faults = [0usize; 4];
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let pick = (rng >> 33) % 4;
+                faults[pick as usize] += 1;
+                match pick {
+                    0 => proxy.cut(),
+                    1 => proxy.set(Mode::BlackHole),
+                    2 => proxy.set(Mode::Refuse),
+                    _ => proxy.set(Mode::Pass),
+                }
+                std::thread::sleep(Duration::from_millis(150 + (rng >> 40) % 600));
+                if pick != 0 {
+                    proxy.set(Mode::Pass);
+                }
+            }
+            faults
+        })
+    };
+
+    let mut rng: u64 = 0x5eed_0f0a_7b06;
+    let mut acked: BTreeMap<u64, QoS> = BTreeMap::new();
+    let mut seq = 0u64;
+    let started = Instant::now();
+    for run in 0..KILLS {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let delay = Duration::from_millis(100 + (rng >> 33) % 500);
+        let port = o.port;
+        let publisher = tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            let topics = ("sensors/q1/x", "sensors/q2/x");
+            let next = publish_until_killed(port, run, seq, topics, &mut acked).await;
+            (acked, next)
+        });
+        tokio::time::sleep(delay).await;
+        let dir = o.crash();
+        let (got, next) = publisher.await.unwrap();
+        acked.extend(got);
+        seq = next;
+        o = Outpost::restart(dir, &cfg);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let faults = flapper.join().unwrap();
+    proxy.set(Mode::Pass);
+    let complete = cloud
+        .wait(Duration::from_secs(90), |g| {
+            let seen: std::collections::HashSet<u64> =
+                g.iter().filter_map(|p| p.parse().ok()).collect();
+            acked.keys().all(|s| seen.contains(s))
+        })
+        .await;
+    // Let late duplicates show up before counting them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = cloud.payloads();
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for p in &got {
+        *seen.entry(p.parse().unwrap()).or_default() += 1;
+    }
+    let lost: Vec<u64> = acked
+        .keys()
+        .filter(|s| !seen.contains_key(s))
+        .copied()
+        .collect();
+    let q1 = acked.values().filter(|q| **q == QoS::AtLeastOnce).count();
+    let dup = |parity: u64| -> usize {
+        seen.iter()
+            .filter(|(s, n)| *s % 2 == parity && **n > 1)
+            .map(|(_, n)| n - 1)
+            .sum()
+    };
+    let (dup1, dup2) = (dup(0), dup(1));
+    println!(
+        "{KILLS} kills and {} link faults ({} cuts, {} black holes, {} refusals) in {:.1}s: \
+         {} acknowledged locally ({q1} QoS 1, {} QoS 2), {} received by the cloud, {} lost, \
+         {dup1} QoS 1 duplicates, {dup2} QoS 2 duplicates",
+        faults[0] + faults[1] + faults[2],
+        faults[0],
+        faults[1],
+        faults[2],
+        started.elapsed().as_secs_f64(),
+        acked.len(),
+        acked.len() - q1,
+        got.len(),
+        lost.len()
+    );
+    assert!(acked.len() > 200, "too few acknowledged to prove anything");
+    assert!(
+        complete && lost.is_empty(),
+        "lost {} acknowledged messages: {:?}; log:\n{}",
+        lost.len(),
+        &lost[..lost.len().min(20)],
+        o.log()
+    );
+    assert_eq!(dup2, 0, "QoS 2 arrives exactly once");
+    // QoS 1 may repeat what was in flight at a crash or a cut: at most the window each time.
+    let faults_total = KILLS + faults[0] + faults[1];
+    assert!(dup1 <= faults_total * 32, "{dup1} QoS 1 duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_commands_arrive_once_across_crashes() {
+    let m = Mosquitto::start();
+    let rules = tempfile::tempdir().unwrap();
+    let cfg = uplink(rules.path(), m.port, "5s", "");
+    let mut o = Outpost::start(&cfg);
+    // A local panel that is offline: commands wait for it in the store.
+    register(o.port, "panel", "cmd/#").await;
+    assert!(
+        timeout(Duration::from_secs(10), async {
+            while !state(o.port).await.contains("connected") {}
+        })
+        .await
+        .is_ok(),
+        "uplink never connected"
+    );
+
+    const N: usize = 300;
+    let (cloud, mut ev) = client(m.port, "cloud-cmd", true);
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            cloud
+                .publish(
+                    "sites/test/cmd/pump",
+                    QoS::ExactlyOnce,
+                    false,
+                    i.to_string(),
+                )
+                .await
+                .unwrap();
+        }
+        cloud
+    });
+    let driver = tokio::spawn(async move {
+        let mut comps = 0;
+        while comps < N {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::PubComp(_))) => comps += 1,
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    // Kill outpost three times while commands stream down.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dir = o.crash();
+        o = Outpost::restart(dir, &cfg);
+    }
+    let _cloud = sender.await.unwrap();
+    timeout(Duration::from_secs(60), driver)
+        .await
+        .expect("mosquitto completed every QoS 2 command with outpost")
+        .unwrap();
+    let (present, got) = drain(o.port, "panel", Duration::from_secs(3)).await;
+    assert!(present);
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for p in &got {
+        *counts.entry(p.parse().unwrap()).or_default() += 1;
+    }
+    let missing: Vec<usize> = (0..N).filter(|i| !counts.contains_key(i)).collect();
+    let twice: Vec<usize> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(i, _)| *i)
+        .collect();
+    println!(
+        "inbound: {N} QoS 2 commands across 3 kills: {} delivered locally, {} missing, {} twice",
+        got.len(),
+        missing.len(),
+        twice.len()
+    );
+    assert!(missing.is_empty(), "missing {missing:?}; log:\n{}", o.log());
+    assert!(twice.is_empty(), "delivered twice: {twice:?}");
+    let in_order = got
+        .windows(2)
+        .all(|w| w[0].parse::<usize>().unwrap() < w[1].parse::<usize>().unwrap());
+    assert!(in_order, "in order");
+}
