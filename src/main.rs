@@ -85,6 +85,62 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
         "limits:       max_connections={} max_packet_size={} max_inflight={} max_queued={} connect_timeout={} max_keepalive={} topic_alias_maximum={}",
         l.max_connections, l.max_packet_size, l.max_inflight, l.max_queued, l.connect_timeout, l.max_keepalive, l.topic_alias_maximum
     );
-    println!("uplink:       none (local-only)");
+    let Some(u) = &c.uplink else {
+        println!("uplink:       none (local-only)");
+        return Ok(());
+    };
+    let gateway = c.gateway_id();
+    println!(
+        "uplink:       {} as {:?} (MQTT {}), keepalive={} session_expiry={} max_inflight={} backoff={}..{}",
+        u.url,
+        u.client_id.replace("{gateway_id}", &gateway),
+        match u.protocol {
+            outpost::config::Protocol::V5 => "5",
+            outpost::config::Protocol::V311 => "3.1.1",
+        },
+        u.keepalive,
+        u.session_expiry,
+        u.max_inflight,
+        u.backoff.min,
+        u.backoff.max
+    );
+    if u.url().scheme.tls() {
+        // Load the files now, so a bad certificate is found here and not at 3 a.m.
+        outpost::io::tls::Connector::new(u, &u.url())
+            .map_err(|e| anyhow::anyhow!("uplink TLS: {e}"))?;
+        println!(
+            "tls:          files load ({})",
+            u.ca_file
+                .as_ref()
+                .map_or("system roots".into(), |p| p.display().to_string())
+        );
+    }
+    let rules = outpost::bridge::rules::Rules::load_dir(&u.rules_dir, &gateway)
+        .with_context(|| format!("bridge rules in {}", u.rules_dir.display()))?;
+    println!(
+        "rules:        {} ({} out, {} in)",
+        u.rules_dir.display(),
+        rules.outs.len(),
+        rules.ins.len()
+    );
+    for r in &rules.outs {
+        println!(
+            "  out  {:<24} {}{{rest}} -> {}{{rest}}  qos={} priority={} retain={}{}  ({})",
+            r.filter,
+            r.local_prefix,
+            r.remote_prefix,
+            r.qos as u8,
+            r.priority,
+            r.retain,
+            if r.buffer { " buffer" } else { "" },
+            r.origin
+        );
+    }
+    for r in &rules.ins {
+        println!(
+            "  in   {:<24} {}{{rest}} -> {}{{rest}}  qos={}  ({})",
+            r.filter, r.remote_prefix, r.local_prefix, r.qos as u8, r.origin
+        );
+    }
     Ok(())
 }

@@ -30,32 +30,33 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug, Error)]
 pub enum ServerError {
     /// A listener's address could not be bound.
-    #[error("cannot bind {kind} listener on {addr}: {source}")]
+    #[error("cannot bind {kind} listener on {addr}")]
     Bind {
         kind: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
     /// The data directory could not be created.
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create data directory {path}")]
     DataDir {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    /// A signal handler could not be installed.
+    /// A signal handler could not be installed. (Sources are not repeated in the messages:
+    /// main prints the whole chain.)
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
     /// The durable store could not be opened or read.
-    #[error("store in {path}: {source}")]
+    #[error("store in {path}")]
     Store {
         path: std::path::PathBuf,
         source: StoreError,
     },
     /// The bridge rules could not be loaded.
-    #[error("bridge rules: {0}")]
+    #[error("bridge rules")]
     Rules(#[from] crate::bridge::rules::RuleError),
     /// The uplink could not be set up.
-    #[error("uplink: {0}")]
+    #[error("uplink")]
     Uplink(#[from] crate::io::uplink::UplinkError),
 }
 

@@ -124,3 +124,62 @@ fn a_taken_port_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn check_prints_the_uplink_and_compiled_rules_and_refuses_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("a.toml"),
+        "[[out]]\nfilter = \"sensors/#\"\nremote_prefix = \"sites/{gateway_id}/\"\nqos = 2\n",
+    )
+    .unwrap();
+    let p = dir.path().join("o.toml");
+    let cfg = format!(
+        "[gateway]\nid = \"site-042\"\n[uplink]\nurl = \"mqtt://cloud.example:1883\"\nrules_dir = \"{}\"\n",
+        rules.display()
+    );
+    std::fs::write(&p, &cfg).unwrap();
+    let o = outpost(&["check", "-c", p.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("mqtt://cloud.example:1883 as \"site-042\""),
+        "{out}"
+    );
+    assert!(out.contains("sites/site-042/{rest}  qos=2"), "{out}");
+    assert!(out.contains("a.toml:2)"), "{out}");
+
+    // An overlapping rule in a second file: refused with both places named.
+    std::fs::write(
+        rules.join("b.toml"),
+        "\n[[out]]\nfilter = \"sensors/t\"\nqos = 1\n",
+    )
+    .unwrap();
+    let o = outpost(&["check", "-c", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("b.toml:3") && err.contains("a.toml:2"),
+        "{err}"
+    );
+
+    // A bad URL is a config error at its line.
+    std::fs::write(&p, cfg.replace("mqtt://cloud.example:1883", "http://x")).unwrap();
+    let o = outpost(&["check", "-c", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("o.toml:4:1: key `url`"), "{err}");
+
+    // A missing CA file is found by check, not at the first connection.
+    std::fs::remove_file(rules.join("b.toml")).unwrap();
+    let tls = cfg.replace("mqtt://", "mqtts://") + "ca_file = \"/nonexistent/ca.crt\"\n";
+    std::fs::write(&p, tls).unwrap();
+    let o = outpost(&["check", "-c", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("ca_file /nonexistent/ca.crt"), "{err}");
+}

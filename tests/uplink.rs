@@ -443,3 +443,92 @@ async fn inbound_commands_arrive_once_across_crashes() {
         .all(|w| w[0].parse::<usize>().unwrap() < w[1].parse::<usize>().unwrap());
     assert!(in_order, "in order");
 }
+
+/// A test PKI made with the openssl command: a CA, a server certificate for "localhost", and
+/// client certificates with an RSA PKCS#8 key, an RSA PKCS#1 key and an EC SEC1 key.
+fn make_pki(dir: &Path) {
+    let sh = |script: &str| {
+        let (ok, out) = common::run(
+            std::process::Command::new("sh")
+                .arg("-ec")
+                .arg(script)
+                .current_dir(dir),
+            Duration::from_secs(60),
+        );
+        assert!(ok, "openssl: {out}");
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 \
+          -subj /CN=outpost-test-ca 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+          -subj /CN=localhost 2>/dev/null
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > san.ext
+        printf 'extendedKeyUsage=clientAuth\n' > client.ext
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+          -out server.crt -days 2 -extfile san.ext 2>/dev/null
+        openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out pkcs8.key 2>/dev/null
+        openssl rsa -in pkcs8.key -traditional -out pkcs1.key 2>/dev/null
+        openssl ecparam -name prime256v1 -genkey -noout -out sec1.key
+        for k in pkcs8 pkcs1 sec1; do
+          openssl req -new -key $k.key -out $k.csr -subj /CN=site-$k 2>/dev/null
+          openssl x509 -req -in $k.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+            -out $k.crt -days 2 -extfile client.ext 2>/dev/null
+        done
+        grep -q 'BEGIN PRIVATE KEY' pkcs8.key
+        grep -q 'BEGIN RSA PRIVATE KEY' pkcs1.key
+        grep -q 'BEGIN EC PRIVATE KEY' sec1.key",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_pkcs8_pkcs1_and_sec1_keys() {
+    let pki = tempfile::tempdir().unwrap();
+    let d = pki.path();
+    make_pki(d);
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let m = Mosquitto::start_with(&format!(
+        "listener {tls_port} 127.0.0.1\ncafile {0}/ca.crt\ncertfile {0}/server.crt\n\
+         keyfile {0}/server.key\nrequire_certificate true\n",
+        d.display()
+    ));
+    let cloud = Cloud::subscribe(m.port, "sites/#").await;
+    for (i, key) in ["pkcs8", "pkcs1", "sec1"].iter().enumerate() {
+        let rules = tempfile::tempdir().unwrap();
+        let section = uplink(rules.path(), tls_port, "5s", "")
+            .replace("mqtt://127.0.0.1", "mqtts://localhost")
+            + &format!(
+                "ca_file = \"{0}/ca.crt\"\ncert_file = \"{0}/{key}.crt\"\nkey_file = \"{0}/{key}.key\"\n",
+                d.display()
+            );
+        let o = Outpost::start(&section);
+        publish_acked(o.port, "sensors/q1/tls", i * 10, 10).await;
+        let ok = cloud
+            .wait(Duration::from_secs(20), |g| g.len() >= (i + 1) * 10)
+            .await;
+        assert!(
+            ok,
+            "{key}: only {} arrived; log:\n{}",
+            cloud.count(),
+            o.log()
+        );
+    }
+    // Without a client certificate the broker refuses the handshake: outpost says why and
+    // keeps trying, and nothing it acknowledged is lost.
+    let rules = tempfile::tempdir().unwrap();
+    let section = uplink(rules.path(), tls_port, "5s", "")
+        .replace("mqtt://127.0.0.1", "mqtts://localhost")
+        + &format!("ca_file = \"{}/ca.crt\"\n", d.display());
+    let o = Outpost::start(&section);
+    publish_acked(o.port, "sensors/q1/tls", 100, 5).await;
+    let s = state(o.port).await;
+    assert!(
+        s.contains("\"state\":\"backoff\"") || s.contains("connecting"),
+        "{s}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(o.log().contains("uplink down"), "log:\n{}", o.log());
+    assert_eq!(cloud.count(), 30);
+}

@@ -26,17 +26,25 @@ use crate::systemd;
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// What `systemctl status outpost` shows while running.
-fn status_line(hub: &Hub) -> String {
+fn status_line(hub: &Hub, uplink: &str) -> String {
     let s = hub.stats();
     format!(
-        "{} clients, {} sessions, {} retained; {} msgs in, {} out, {} dropped (queue full); local-only",
+        "{} clients, {} sessions, {} retained; {} msgs in, {} out, {} dropped (queue full), {} to the outbox; uplink {uplink}",
         hub.connected(),
         hub.sessions(),
         hub.retained(),
         s.received,
         s.sent,
-        s.dropped_queue_full
+        s.dropped_queue_full,
+        s.outboxed
     )
+}
+
+/// The state word of an uplink state payload (`{"state":"backoff",...}`).
+fn uplink_state(payload: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let rest = text.split("\"state\":\"").nth(1)?;
+    Some(rest.split('"').next()?.to_owned())
 }
 
 /// Inputs waiting for the hub.
@@ -168,6 +176,11 @@ pub async fn run(
     let mut links = Links(HashMap::new(), uplink);
     let mut done: Option<(oneshot::Sender<()>, Instant)> = None;
     let mut status = tokio::time::interval(STATUS_EVERY);
+    let mut uplink_now = if links.1.is_some() {
+        "starting".to_owned()
+    } else {
+        "none (local-only)".to_owned()
+    };
     loop {
         let wake = hub.poll_timeout().map(Instant::from_std);
         let msg = tokio::select! {
@@ -186,7 +199,7 @@ pub async fn run(
             }
             _ = sleep_until_opt(done.as_ref().map(|d| d.1)) => None,
             _ = status.tick(), if done.is_none() => {
-                systemd::status(&status_line(&hub));
+                systemd::status(&status_line(&hub, &uplink_now));
                 continue;
             }
         };
@@ -197,6 +210,11 @@ pub async fn run(
                 links.0.insert(conn, link);
             }
             HubMsg::Input(input) => {
+                if let HubInput::System { topic, payload, .. } = &input {
+                    if topic == super::uplink::STATE_TOPIC {
+                        uplink_now = uplink_state(payload).unwrap_or_default();
+                    }
+                }
                 let closed = match &input {
                     HubInput::Closed { conn, .. } => Some(*conn),
                     _ => None,
