@@ -1,17 +1,19 @@
 //! outpost: a field gateway for remote sites.
 //!
-//! An embedded MQTT broker (3.1, 3.1.1 and 5.0) for the site's local devices, built so that an
-//! MQTT-SN gateway, serial and GPIO sources, a durable SQLite store and a store-and-forward
-//! uplink can stand on it. See `ARCHITECTURE.md` for the data flows and the durability contract.
+//! An embedded MQTT broker (3.1, 3.1.1 and 5.0) for the site's local devices, a durable SQLite
+//! store, and a store-and-forward uplink to a cloud broker; MQTT-SN, serial and GPIO sources are
+//! to stand on it. See `ARCHITECTURE.md` for the data flows and the durability contract.
 //!
 //! # Layout
-//! - [`bridge`] — bridge rules for the uplink (the uplink driver comes with issue 4).
+//! - [`bridge`] — the uplink's sans-IO parts: bridge rules, outbox cursors, backoff and rate.
 //! - [`config`] — `outpost.toml` as serde structs, defaults, file:line:col errors.
 //! - [`proto`] — sans-IO protocol machines. [`proto::topic`] holds topic rules;
 //!   [`proto::mqtt`] the strict codec, the broker-side connection machine and the upstream
 //!   client session.
 //! - [`hub`] — the one router: sessions, subscription tree, retained index, wills, expiry.
-//! - [`io`] — adapters, the only code that touches sockets: the hub task and the MQTT listener.
+//! - [`store`] — the one SQLite store, with group commit.
+//! - [`io`] — adapters, the only code that touches sockets: the hub task, the MQTT listener,
+//!   the uplink driver and its TLS.
 //! - [`server`] — wires config, hub and listeners together and runs until shutdown.
 //! - [`telemetry`] — tracing to the journal or stderr.
 //! - [`systemd`] — sd-notify.

@@ -139,8 +139,10 @@ struct Driver {
     done_rx: mpsc::Receiver<Done>,
     /// Inbound QoS 1/2 messages with the hub, awaiting their commit.
     inbound_pending: usize,
-    /// Rows whose Delete is submitted (a late duplicate ack must not count twice).
-    deleted: HashSet<i64>,
+    /// Rows restored in flight at startup. The outbox cursor will read them again; once
+    /// delivered, their delete may not have committed when it does, so they are skipped by id.
+    /// Only these: any other row is read once per run, after its insert, and never again.
+    restored: HashSet<i64>,
     stop: watch::Receiver<bool>,
     tls: Option<super::tls::Connector>,
     stats: Stats,
@@ -199,11 +201,13 @@ pub fn start(
     let mut session = ClientSession::new(cc, now.into_std());
     // What was in flight when we stopped: rows past PUBREC resume with PUBREL; the others are
     // read from the outbox again and resent with the same (derived) packet ids.
+    let mut restored = HashSet::new();
     match setup.store.outbox_released() {
         Ok(rows) => {
             for r in rows {
                 if let Some(p) = row_publish(&r, now.into_std()) {
                     session.restore(r.id, packet_id_for(r.id), p, Stage::Released);
+                    restored.insert(r.id);
                 }
             }
         }
@@ -239,7 +243,7 @@ pub fn start(
         done_tx,
         done_rx,
         inbound_pending: 0,
-        deleted: HashSet::new(),
+        restored,
         stop: setup.stop,
         tls,
         stats: Stats::default(),
@@ -432,7 +436,7 @@ impl Driver {
                     break;
                 }
             };
-            if self.session.contains(row.id) || self.deleted.contains(&row.id) {
+            if self.session.contains(row.id) || self.restored.contains(&row.id) {
                 continue;
             }
             if row.msg.expires_ms.is_some_and(|e| e <= unix_ms_now()) {
@@ -468,12 +472,6 @@ impl Driver {
     }
 
     fn delete(&mut self, id: i64) {
-        self.deleted.insert(id);
-        if self.deleted.len() > 65_536 {
-            // Ids only grow: anything this far back can no longer be read again.
-            let min = id - 100_000;
-            self.deleted.retain(|d| *d > min);
-        }
         self.submit(vec![Op::Delete(id)], None);
     }
 
