@@ -1,7 +1,8 @@
 //! Uplink benchmark: outpost's bridge against a mosquitto bridge, on the same machine, through
 //! the same byte-counting proxy, to the same upstream mosquitto.
 //!
-//! `cargo bench --bench uplink` (add `-- --runs 5 --backlog 100000 --readings 10000`).
+//! `cargo bench --bench uplink` (add `-- --runs 5 --backlog 100000 --readings 10000`, or
+//! `--drain-only`).
 //! - backlog drain: N QoS 1 messages are published while the link is refused, then it opens;
 //!   the figure is N divided by the time from the first message reaching the cloud subscriber
 //!   to the last (reconnect delays excluded), median of several runs;
@@ -59,7 +60,9 @@ struct Counter {
 impl Counter {
     async fn start(port: u16, filter: &str) -> Counter {
         let (c, mut ev) = client(port, "cloud-counter", true);
-        c.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
+        c.subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
         loop {
             if let Ok(Event::Incoming(Packet::SubAck(_))) = ev.poll().await {
                 break;
@@ -118,7 +121,9 @@ async fn publish(port: u16, n: usize, payload: impl Fn(usize) -> String) {
     let msgs: Vec<String> = (0..n).map(payload).collect();
     let sender = tokio::spawn(async move {
         for m in msgs {
-            c.publish(TOPIC, QoS::AtLeastOnce, false, m).await.expect("publish");
+            c.publish(TOPIC, QoS::AtLeastOnce, false, m)
+                .await
+                .expect("publish");
         }
         c
     });
@@ -198,7 +203,10 @@ async fn bytes_once(b: Bridge, n: usize, cloud_aliases: bool) -> Option<f64> {
     // Let the bridge connect, then count only the readings.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = proxy.bytes().0;
-    publish(port, n, |i| format!("{:.1}", 15.0 + (i % 100) as f64 / 10.0)).await;
+    publish(port, n, |i| {
+        format!("{:.1}", 15.0 + (i % 100) as f64 / 10.0)
+    })
+    .await;
     counter.wait(n, Duration::from_secs(300)).await?;
     // Let the last acks and pings settle, then count.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -244,6 +252,9 @@ fn main() {
         m,
         o / m
     );
+    if std::env::args().any(|a| a == "--drain-only") {
+        return;
+    }
     let bytes = |b: Bridge, aliases: bool| {
         rt.block_on(bytes_once(b, a.readings, aliases))
             .unwrap_or(f64::NAN)
@@ -257,12 +268,6 @@ fn main() {
         ("bytes up per reading, outpost v5, no aliases", o5n),
         ("bytes up per reading, outpost 3.1.1", o3),
     ] {
-        println!(
-            "{:<44} {:>12.1} {:>12.1} {:>6.2}x",
-            label,
-            v,
-            mb,
-            v / mb
-        );
+        println!("{:<44} {:>12.1} {:>12.1} {:>6.2}x", label, v, mb, v / mb);
     }
 }
