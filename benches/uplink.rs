@@ -6,6 +6,8 @@
 //! - backlog drain: N QoS 1 messages are published while the link is refused, then it opens;
 //!   the figure is N divided by the time from the first message reaching the cloud subscriber
 //!   to the last (reconnect delays excluded), median of several runs;
+//! - the same over a link capped at 64 kbit/s each way (`--slow N` messages): where the bytes
+//!   per message, not the CPU, decide the drain rate;
 //! - bytes per reading: a telemetry stream of QoS 1 readings with a realistic topic, bytes
 //!   counted through the proxy in the upstream direction, divided by the number of readings.
 
@@ -28,6 +30,7 @@ struct Args {
     runs: usize,
     backlog: usize,
     readings: usize,
+    slow: usize,
 }
 
 fn args() -> Args {
@@ -35,6 +38,7 @@ fn args() -> Args {
         runs: 3,
         backlog: 100_000,
         readings: 10_000,
+        slow: 3_000,
     };
     let v: Vec<String> = std::env::args().collect();
     for w in v.windows(2) {
@@ -43,6 +47,7 @@ fn args() -> Args {
             ("--runs", Some(n)) => a.runs = n,
             ("--backlog", Some(n)) => a.backlog = n,
             ("--readings", Some(n)) => a.readings = n,
+            ("--slow", Some(n)) => a.slow = n,
             _ => {}
         }
     }
@@ -190,6 +195,24 @@ async fn drain_once(b: Bridge, n: usize) -> Option<f64> {
     Some(n as f64 / took.as_secs_f64().max(1e-6))
 }
 
+/// A backlog over a link capped at `bw` bytes/s each way: the time to deliver all of it.
+async fn slow_drain_once(b: Bridge, n: usize, bw: u64) -> Option<f64> {
+    let cloud = Mosquitto::start();
+    let proxy = Proxy::start(cloud.port);
+    proxy.set(Mode::Refuse);
+    let rules = tempfile::tempdir().unwrap();
+    let (port, _guard) = start_bridge(b, proxy.port, &rules.path().join("rules"));
+    let counter = Counter::start(cloud.port, "sites/#").await;
+    publish(port, n, |i| {
+        format!("{:.1}", 15.0 + (i % 100) as f64 / 10.0)
+    })
+    .await;
+    proxy.set_bandwidth(bw);
+    proxy.set(Mode::Pass);
+    let took = counter.wait(n, Duration::from_secs(900)).await?;
+    Some(n as f64 / took.as_secs_f64().max(1e-6))
+}
+
 async fn bytes_once(b: Bridge, n: usize, cloud_aliases: bool) -> Option<f64> {
     let cloud = Mosquitto::start_with(if cloud_aliases {
         ""
@@ -251,6 +274,21 @@ fn main() {
         o,
         m,
         o / m
+    );
+    // 64 kbit/s each way: a satellite or poor cellular link.
+    let slow = |b: Bridge| {
+        let v: Vec<f64> = (0..a.runs)
+            .filter_map(|_| rt.block_on(slow_drain_once(b, a.slow, 8_000)))
+            .collect();
+        median(v)
+    };
+    let (os, ms) = (slow(Bridge::Outpost { v5: true }), slow(Bridge::Mosquitto));
+    println!(
+        "{:<44} {:>12.0} {:>12.0} {:>6.2}x",
+        format!("backlog {} over 64 kbit/s, msg/s", a.slow),
+        os,
+        ms,
+        os / ms
     );
     if std::env::args().any(|a| a == "--drain-only") {
         return;

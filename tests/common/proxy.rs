@@ -27,6 +27,8 @@ pub enum Mode {
 pub struct Proxy {
     pub port: u16,
     mode: Arc<AtomicU8>,
+    /// Bytes per second each way; 0 is unlimited.
+    bandwidth: Arc<AtomicU64>,
     up: Arc<AtomicU64>,
     down: Arc<AtomicU64>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
@@ -40,15 +42,17 @@ impl Proxy {
         let p = Proxy {
             port,
             mode: Arc::new(AtomicU8::new(Mode::Pass as u8)),
+            bandwidth: Arc::default(),
             up: Arc::default(),
             down: Arc::default(),
             conns: Arc::default(),
         };
-        let (mode, up, down, conns) = (
+        let (mode, up, down, conns, bandwidth) = (
             p.mode.clone(),
             p.up.clone(),
             p.down.clone(),
             p.conns.clone(),
+            p.bandwidth.clone(),
         );
         std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -77,11 +81,17 @@ impl Proxy {
                         continue;
                     };
                     let mode = mode.clone();
-                    std::thread::spawn(move || pump(from, to, &mode, &count));
+                    let bw = bandwidth.clone();
+                    std::thread::spawn(move || pump(from, to, &mode, &count, &bw));
                 }
             }
         });
         p
+    }
+
+    /// Caps each direction at `bytes_per_s` (0: unlimited), like a slow radio link.
+    pub fn set_bandwidth(&self, bytes_per_s: u64) {
+        self.bandwidth.store(bytes_per_s, Ordering::SeqCst);
     }
 
     pub fn set(&self, mode: Mode) {
@@ -106,13 +116,33 @@ impl Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, mode: &AtomicU8, count: &AtomicU64) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    mode: &AtomicU8,
+    count: &AtomicU64,
+    bandwidth: &AtomicU64,
+) {
     let mut buf = [0u8; 16 * 1024];
+    // When capped, a chunk may leave only once the link has had time to carry the bytes
+    // before it.
+    let mut free_at = Instant::now();
     loop {
-        let n = match from.read(&mut buf) {
+        let bw = bandwidth.load(Ordering::SeqCst);
+        let limit = if bw == 0 {
+            buf.len()
+        } else {
+            (bw as usize / 20).clamp(64, buf.len())
+        };
+        let n = match from.read(&mut buf[..limit]) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if bw > 0 {
+            let now = Instant::now();
+            free_at = free_at.max(now) + Duration::from_secs_f64(n as f64 / bw as f64);
+            std::thread::sleep(free_at.saturating_duration_since(now));
+        }
         if mode.load(Ordering::SeqCst) != Mode::Pass as u8 {
             continue; // black-holed: swallowed, and nobody is told
         }
