@@ -196,16 +196,8 @@ fn default_rules_dir() -> PathBuf {
 impl Uplink {
     /// What is wrong with the section, as (key, message).
     pub(super) fn problems(&self) -> Option<(&'static str, String)> {
-        match Url::parse(&self.url) {
-            Err(e) => return Some(("url", e)),
-            Ok(u) if matches!(u.scheme, Scheme::Ws | Scheme::Wss) => {
-                return Some((
-                    "url",
-                    "the WebSocket transports (ws://, wss://) are not built yet; use mqtt:// or mqtts://"
-                        .into(),
-                ))
-            }
-            Ok(_) => {}
+        if let Err(e) = Url::parse(&self.url) {
+            return Some(("url", e));
         }
         let ka = self.keepalive.0.as_secs();
         if ka == 0 || ka > u16::MAX as u64 {

@@ -6,12 +6,14 @@
 //! - `store_link`: the hub's `Durable` over the SQLite store, and commit completions.
 //! - `uplink`: the connection to the cloud broker, driving `proto::mqtt::client`.
 //! - `tls`: rustls client setup for the uplink.
+//! - `ws`: MQTT over WebSocket for the uplink.
 
 pub mod hub_task;
 pub mod mqtt_listener;
 pub mod store_link;
 pub mod tls;
 pub mod uplink;
+pub mod ws;
 
 use tokio::time::Instant;
 

@@ -31,10 +31,11 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::hub_task::{HubMsg, UplinkPorts};
+use super::ws;
 use crate::bridge::outbox::Outbox;
 use crate::bridge::pace::{Backoff, RateLimit};
 use crate::bridge::rules::Rules;
-use crate::config::{self, Url};
+use crate::config::{self, Scheme, Url};
 use crate::hub::durable::outbox_dest;
 use crate::hub::{HubInput, UPLINK_QOS2_ID};
 use crate::proto::mqtt::client::{packet_id_for, ClientConfig, ClientEvent, ClientSession, Stage};
@@ -123,6 +124,9 @@ enum Phase<'a> {
 
 struct Driver {
     url: Url,
+    /// WebSocket transports queue writes until flushed.
+    flush_writes: bool,
+    max_packet: u32,
     keepalive: Duration,
     rules: Rules,
     session: ClientSession,
@@ -249,6 +253,8 @@ pub fn start(
         stop: setup.stop,
         tls,
         stats: Stats::default(),
+        flush_writes: matches!(url.scheme, Scheme::Ws | Scheme::Wss),
+        max_packet: setup.max_packet_size,
         url,
     };
     Ok(d.run())
@@ -357,13 +363,37 @@ impl Driver {
         };
         let _ = tcp.set_nodelay(true);
         tune_socket(&tcp, self.keepalive);
-        match &self.tls {
-            None => Ok(Box::new(tcp)),
-            Some(c) => match tokio::time::timeout(limit, c.connect(tcp)).await {
-                Err(_) => Err(format!("TLS handshake with {target}: timed out")),
-                Ok(Err(e)) => Err(format!("TLS handshake with {target}: {e}")),
-                Ok(Ok(s)) => Ok(Box::new(s)),
-            },
+        let ws = matches!(self.url.scheme, Scheme::Ws | Scheme::Wss);
+        let (host, port, path) = (self.url.host.clone(), self.url.port, self.url.path.clone());
+        let max = self.max_packet as usize + 16;
+        let handshake = async {
+            match &self.tls {
+                None if ws => Ok(
+                    Box::new(ws::connect(tcp, false, &host, port, &path, max).await?)
+                        as Box<dyn Stream>,
+                ),
+                None => Ok(Box::new(tcp) as Box<dyn Stream>),
+                Some(c) => {
+                    let tls = c
+                        .connect(tcp)
+                        .await
+                        .map_err(|e| format!("TLS handshake with {target}: {e}"))?;
+                    if ws {
+                        Ok(
+                            Box::new(ws::connect(tls, true, &host, port, &path, max).await?)
+                                as Box<dyn Stream>,
+                        )
+                    } else {
+                        Ok(Box::new(tls) as Box<dyn Stream>)
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(limit, handshake).await {
+            Err(_) => Err(format!(
+                "handshake with {target}: timed out after {limit:?}"
+            )),
+            Ok(r) => r,
         }
     }
 
@@ -372,6 +402,7 @@ impl Driver {
         let (mut rd, mut wr) = tokio::io::split(stream);
         self.session.connect(Instant::now().into_std());
         let mut wbuf: Vec<u8> = Vec::new();
+        let mut unflushed = false;
         let mut rbuf = vec![0u8; 16 * 1024];
         // Timers live across iterations: a drain goes round this loop once per ack, and a new
         // timer each time was a measurable share of its cost. The keep-alive timer is only
@@ -390,7 +421,11 @@ impl Driver {
             if let Some(reason) = lost {
                 // Whatever the session queued (a DISCONNECT with a reason) goes if it can.
                 wbuf.extend(self.session.take_transmit());
-                let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&wbuf)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    wr.write_all(&wbuf).await?;
+                    wr.flush().await
+                })
+                .await;
                 return reason;
             }
             self.pump();
@@ -414,9 +449,13 @@ impl Driver {
                 biased;
                 Some(d) = self.done_rx.recv() => self.on_done(d),
                 Some(a) = self.ch.acks.recv() => self.on_ack(a),
-                r = wr.write(&wbuf), if !wbuf.is_empty() => match r {
-                    Ok(0) => return "connection closed while writing".into(),
-                    Ok(n) => { wbuf.drain(..n); }
+                r = write_or_flush(&mut wr, &wbuf, unflushed), if unflushed || !wbuf.is_empty() => match r {
+                    Ok(None) => unflushed = false,
+                    Ok(Some(0)) => return "connection closed while writing".into(),
+                    Ok(Some(n)) => {
+                        wbuf.drain(..n);
+                        unflushed = self.flush_writes;
+                    }
                     Err(e) => return format!("write: {e}"),
                 },
                 r = rd.read(&mut rbuf), if reading => match r {
@@ -444,7 +483,11 @@ impl Driver {
                     let dc = crate::proto::mqtt::Packet::Disconnect(Default::default());
                     let mut b = wbuf;
                     crate::proto::mqtt::encode(&dc, self.session_version(), &mut b);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&b)).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        wr.write_all(&b).await?;
+                        wr.shutdown().await
+                    })
+                    .await;
                     return "outpost is stopping".into();
                 }
             }
@@ -694,6 +737,21 @@ impl Driver {
         };
         // The hub may be busy; the state is not worth holding the uplink up for.
         let _ = self.hub.try_send(HubMsg::Input(input));
+    }
+}
+
+/// Flushes what an earlier write queued (a WebSocket sends a message only on flush), else
+/// writes some of `buf`: `None` for a flush, `Some(n)` for a write. Both halves are cancel-safe,
+/// which `select!` needs.
+async fn write_or_flush<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    unflushed: bool,
+) -> std::io::Result<Option<usize>> {
+    if unflushed {
+        w.flush().await.map(|()| None)
+    } else {
+        w.write(buf).await.map(Some)
     }
 }
 
