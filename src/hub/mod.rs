@@ -518,6 +518,11 @@ impl Hub {
             return;
         };
         if refused {
+            if matches!(packet, Packet::PubRel(_)) {
+                // The PUBREC state is not on disk: no PUBREL yet. The session still awaits
+                // PUBCOMP, so the PUBREL goes again when the client reconnects.
+                return;
+            }
             self.stats.refused_full += 1;
             let v5 = self.sessions.get(&id).is_some_and(|s| s.version.is_v5());
             if let Packet::PubAck(a) | Packet::PubRec(a) = &mut packet {
@@ -737,6 +742,7 @@ impl Hub {
                 let Some(s) = self.sessions.get_mut(&id) else {
                     return;
                 };
+                let mut state_op = None;
                 let code = match s.take_inflight(a.packet_id, InflightState::AwaitRec) {
                     // v5: a failure code on PUBREC ends the exchange ([MQTT-4.3.3-4] note).
                     Some(f) if a.reason >= 0x80 => {
@@ -747,13 +753,11 @@ impl Hub {
                     }
                     Some(mut f) => {
                         // The persisted QoS 2 state: after a restart PUBREL goes, not PUBLISH.
-                        if let Some(row) = f.item.row {
-                            self.persist.ops.push(Op::SetState {
-                                id: row,
-                                state: 2,
-                                packet_id: Some(f.pid),
-                            });
-                        }
+                        state_op = f.item.row.map(|row| Op::SetState {
+                            id: row,
+                            state: 2,
+                            packet_id: Some(f.pid),
+                        });
                         f.state = InflightState::AwaitComp;
                         s.inflight.push_back(f);
                         Some(reason::SUCCESS)
@@ -762,7 +766,22 @@ impl Hub {
                 };
                 if let Some(code) = code {
                     let rel = Packet::PubRel(ack(a.packet_id, code, s.version));
-                    self.control(now, conn, &id, rel, out);
+                    match state_op {
+                        // PUBREL only once that state is on disk: a PUBREL followed, after a
+                        // crash, by the PUBLISH again would be a new message to the client.
+                        Some(op) => {
+                            let pending = Pending {
+                                reply: Some((conn, rel)),
+                                tails: Vec::new(),
+                                publisher: None,
+                                rows: Vec::new(),
+                                qos2_dup: None,
+                                uplink: None,
+                            };
+                            self.submit_gated(now, vec![op], pending, out);
+                        }
+                        None => self.control(now, conn, &id, rel, out),
+                    }
                 } else {
                     s.pump(now, &self.cfg, &mut self.stats, out, &mut self.persist);
                 }

@@ -780,3 +780,44 @@ fn qos2_awaiting_commit_counts_once_against_receive_maximum() {
     t.publish(2, msg("d", "x", QoS::ExactlyOnce, 101));
     assert!(t.out.closed.contains_key(&2), "the 101st exceeds it");
 }
+
+/// PUBREL to a persistent subscriber goes only once its PUBREC state is on disk: otherwise a
+/// crash in between would resend the PUBLISH after the client had been released, a duplicate.
+#[test]
+fn pubrel_waits_for_the_persisted_pubrec_state() {
+    let (mut t, store) = durable_hub();
+    let mut c = connect(Version::V5, "sub", false);
+    c.properties.session_expiry_interval = Some(60);
+    t.connect_with(1, c);
+    subscribe_durable(&mut t, &store, 1, "d");
+    t.connect(2, Version::V5, "pub", true);
+    t.publish(2, msg("d", "x", QoS::ExactlyOnce, 5));
+    for (tok, _) in store.gated() {
+        t.input(HubInput::Committed {
+            token: tok,
+            outcome: Ok(vec![crate::store::OpResult::Done]),
+        });
+    }
+    let delivered = t.out.publishes(1);
+    assert_eq!(delivered.len(), 1);
+    t.packet(
+        1,
+        Packet::PubRec(Ack {
+            packet_id: delivered[0].packet_id,
+            ..Ack::default()
+        }),
+    );
+    assert!(
+        !t.out.take(1).iter().any(|p| matches!(p, Packet::PubRel(_))),
+        "no PUBREL before the state commits"
+    );
+    let gated = store.gated();
+    assert_eq!(gated.len(), 1, "{gated:?}");
+    t.input(HubInput::Committed {
+        token: gated[0].0,
+        outcome: Ok(vec![crate::store::OpResult::Done]),
+    });
+    assert!(
+        matches!(&t.out.take(1)[..], [Packet::PubRel(a)] if a.packet_id == delivered[0].packet_id)
+    );
+}
