@@ -67,3 +67,30 @@ fn passes_black_holes_cuts_refuses_and_counts() {
         "refused at once: {r:?}"
     );
 }
+
+#[test]
+fn bandwidth_cap_slows_the_link() {
+    let m = Mosquitto::start();
+    let p = Proxy::start(m.port);
+    p.set_bandwidth(20_000);
+    let mut s = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    s.write_all(&connect(4, "slow-link")).unwrap();
+    assert_eq!(
+        read_some(&mut s, Duration::from_secs(5)),
+        Ok(vec![0x20, 2, 0, 0])
+    );
+    // A 30,000-byte QoS 0 PUBLISH followed by PINGREQ: the PINGRESP comes back only after
+    // the publish has crossed the capped link, so at about 1.5 s.
+    let payload = vec![b'x'; 30_000];
+    let mut body = vec![0, 1, b't'];
+    body.extend_from_slice(&payload);
+    let t = std::time::Instant::now();
+    s.write_all(&common::raw::frame(0x30, &body)).unwrap();
+    s.write_all(&[0xC0, 0]).unwrap();
+    assert_eq!(
+        read_some(&mut s, Duration::from_secs(10)),
+        Ok(vec![0xD0, 0])
+    );
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(1_300), "{took:?}");
+}

@@ -26,6 +26,17 @@ filter = "sensors/q2/#"
 remote_prefix = "sites/{gateway_id}/"
 qos = 2
 
+[[out]]
+filter = "live/#"
+remote_prefix = "sites/{gateway_id}/"
+qos = 0
+
+[[out]]
+filter = "buffered/#"
+remote_prefix = "sites/{gateway_id}/"
+qos = 0
+buffer = true
+
 [[in]]
 filter = "sites/{gateway_id}/cmd/#"
 remote_prefix = "sites/{gateway_id}/"
@@ -608,4 +619,76 @@ async fn websocket_and_secure_websocket_transports() {
         .collect();
     let want: Vec<String> = (0..100).map(|i| i.to_string()).collect();
     assert_eq!(got, want);
+}
+
+/// Publishes `n` QoS 0 messages with payloads `first..first+n`.
+async fn publish_qos0(port: u16, topic: &str, first: usize, n: usize) {
+    let (c, ev) = client(port, &format!("qos0-pub-{first}"), true);
+    let drive = tokio::spawn(async move {
+        let mut ev = ev;
+        while ev.poll().await.is_ok() {}
+    });
+    for i in first..first + n {
+        c.publish(topic, QoS::AtMostOnce, false, i.to_string())
+            .await
+            .unwrap();
+    }
+    c.disconnect().await.unwrap();
+    let _ = timeout(Duration::from_secs(5), drive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_goes_live_when_online_and_is_dropped_offline_unless_buffered() {
+    let m = Mosquitto::start();
+    let proxy = Proxy::start(m.port);
+    proxy.set(Mode::Refuse);
+    let rules = tempfile::tempdir().unwrap();
+    let o = Outpost::start(&uplink(rules.path(), proxy.port, "5s", ""));
+    let cloud = Cloud::subscribe(m.port, "sites/test/#").await;
+    publish_qos0(o.port, "live/x", 0, 20).await;
+    publish_qos0(o.port, "buffered/x", 100, 20).await;
+    // Let them reach the hub (QoS 0 has no ack to wait for).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set(Mode::Pass);
+    assert!(
+        cloud.wait(Duration::from_secs(10), |g| g.len() >= 20).await,
+        "buffered QoS 0 came through; log:\n{}",
+        o.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let want: Vec<String> = (100..120).map(|i| i.to_string()).collect();
+    assert_eq!(
+        cloud.payloads(),
+        want,
+        "offline live QoS 0 dropped, buffered kept in order"
+    );
+    publish_qos0(o.port, "live/x", 200, 20).await;
+    assert!(
+        cloud.wait(Duration::from_secs(10), |g| g.len() >= 40).await,
+        "live QoS 0 goes when online"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_paces_the_drain() {
+    let m = Mosquitto::start();
+    let proxy = Proxy::start(m.port);
+    proxy.set(Mode::Refuse);
+    let rules = tempfile::tempdir().unwrap();
+    let limit = "rate_limit = { messages_per_s = 100 }\n";
+    let o = Outpost::start(&uplink(rules.path(), proxy.port, "5s", limit));
+    let cloud = Cloud::subscribe(m.port, "sites/test/#").await;
+    publish_acked(o.port, "sensors/q1/r", 0, 300).await;
+    let start = Instant::now();
+    proxy.set(Mode::Pass);
+    assert!(
+        cloud
+            .wait(Duration::from_secs(30), |g| g.len() >= 300)
+            .await
+    );
+    let took = start.elapsed();
+    println!("300 messages at 100 msg/s took {took:?}");
+    // One second's worth may go at once, the other 200 at the rate: at least ~2 s. (A slow
+    // machine only makes it longer, so this bound holds on a noisy one.)
+    assert!(took >= Duration::from_millis(1_800), "{took:?}");
 }
