@@ -146,8 +146,8 @@ struct Driver {
     /// delivered, their delete may not have committed when it does, so they are skipped by id.
     /// Only these: any other row is read once per run, after its insert, and never again.
     restored: HashSet<i64>,
-    /// Deletes of acknowledged rows not yet submitted.
-    deletes: Vec<Op>,
+    /// Writes nobody waits for (deletes of acknowledged rows, "sent" marks), not yet submitted.
+    ops: Vec<Op>,
     stop: watch::Receiver<bool>,
     tls: Option<super::tls::Connector>,
     stats: Stats,
@@ -249,7 +249,7 @@ pub fn start(
         done_rx,
         inbound_pending: 0,
         restored,
-        deletes: Vec::new(),
+        ops: Vec::new(),
         stop: setup.stop,
         tls,
         stats: Stats::default(),
@@ -417,7 +417,7 @@ impl Driver {
         tokio::pin!(notified);
         loop {
             let lost = self.handle_events().await;
-            self.flush_deletes();
+            self.flush_ops();
             if let Some(reason) = lost {
                 // Whatever the session queued (a DISCONNECT with a reason) goes if it can.
                 wbuf.extend(self.session.take_transmit());
@@ -429,7 +429,7 @@ impl Driver {
                 return reason;
             }
             self.pump();
-            self.flush_deletes();
+            self.flush_ops();
             wbuf.extend(self.session.take_transmit());
             let wake = self
                 .session
@@ -532,13 +532,21 @@ impl Driver {
                 self.outbox.unread(row);
                 break;
             }
-            let qos0 = p.qos == QoS::AtMostOnce;
+            let qos = p.qos;
             match self.session.publish(now.into_std(), row.id, p) {
                 Ok(()) => {
                     self.stats.sent += 1;
-                    if qos0 {
+                    match qos {
                         // A buffered QoS 0 row: written is as far as QoS 0 goes.
-                        self.delete(row.id);
+                        QoS::AtMostOnce => self.delete(row.id),
+                        // The broker may now hold its packet id: the store must not evict
+                        // or expire it until it is acknowledged (see store::writer PINNED).
+                        QoS::ExactlyOnce => self.ops.push(Op::SetState {
+                            id: row.id,
+                            state: 1,
+                            packet_id: Some(packet_id_for(row.id)),
+                        }),
+                        QoS::AtLeastOnce => {}
                     }
                 }
                 Err(_) => {
@@ -549,16 +557,16 @@ impl Driver {
         }
     }
 
-    /// Queues the delete of an acknowledged row; `flush_deletes` submits them together.
+    /// Queues the delete of an acknowledged row; `flush_ops` submits them together.
     fn delete(&mut self, id: i64) {
-        self.deletes.push(Op::Delete(id));
+        self.ops.push(Op::Delete(id));
     }
 
-    /// One store request for every delete gathered since the last: a drain acknowledges up
+    /// One store request for every write gathered since the last: a drain acknowledges up
     /// to a window of rows per read, and one request each was measurable overhead.
-    fn flush_deletes(&mut self) {
-        if !self.deletes.is_empty() {
-            let ops = std::mem::take(&mut self.deletes);
+    fn flush_ops(&mut self) {
+        if !self.ops.is_empty() {
+            let ops = std::mem::take(&mut self.ops);
             self.submit(ops, None);
         }
     }

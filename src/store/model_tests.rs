@@ -16,6 +16,7 @@ enum Step {
         dest: u8,
         len: usize,
         expires_in: Option<i64>,
+        qos: u8,
     },
     Delete(usize),
     SetState(usize, u8),
@@ -31,7 +32,7 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => (0u8..4, 0usize..40, proptest::option::of(1i64..50)).prop_map(|(dest, len, expires_in)| Step::Insert { dest, len, expires_in }),
+        6 => (0u8..4, 0usize..40, proptest::option::of(1i64..50), 1u8..3).prop_map(|(dest, len, expires_in, qos)| Step::Insert { dest, len, expires_in, qos }),
         3 => (0usize..64).prop_map(Step::Delete),
         1 => (0usize..64, 0u8..3).prop_map(|(i, s)| Step::SetState(i, s)),
         2 => (0u8..4, 0usize..64, 1usize..6).prop_map(|(dest, after, limit)| Step::Read { dest, after, limit }),
@@ -53,6 +54,13 @@ fn dest(d: u8) -> Dest {
 struct Row {
     msg: NewMessage,
     state: u8,
+}
+
+impl Row {
+    /// A QoS 2 message the peer may hold by packet id: never evicted or expired.
+    fn pinned(&self) -> bool {
+        self.msg.qos == 2 && self.state >= 1
+    }
 }
 
 struct Model {
@@ -77,7 +85,7 @@ impl Model {
                 return OpResult::Full;
             }
             while !self.fits(need) {
-                let Some((&oldest, _)) = self.rows.iter().next() else {
+                let Some((&oldest, _)) = self.rows.iter().find(|(_, r)| !r.pinned()) else {
                     break;
                 };
                 self.rows.remove(&oldest);
@@ -93,7 +101,8 @@ impl Model {
         let oldest_kept = now - self.cfg.max_age.as_millis() as i64;
         let before = self.rows.len();
         self.rows.retain(|_, r| {
-            !(r.msg.expires_ms.is_some_and(|e| e <= now) || r.msg.received_ms < oldest_kept)
+            r.pinned()
+                || !(r.msg.expires_ms.is_some_and(|e| e <= now) || r.msg.received_ms < oldest_kept)
         });
         (before - self.rows.len()) as u64
     }
@@ -127,12 +136,13 @@ fn run(steps: Vec<Step>, when_full: WhenFull) -> Result<(), TestCaseError> {
                 dest: d,
                 len,
                 expires_in,
+                qos,
             } => {
                 let m = NewMessage {
                     dest: dest(d),
                     topic: format!("t/{d}"),
                     payload: Bytes::from(vec![b'x'; len]),
-                    qos: 1,
+                    qos,
                     retain: false,
                     props: Bytes::new(),
                     sub_ids: Bytes::new(),

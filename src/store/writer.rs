@@ -249,15 +249,15 @@ fn apply(
             let mut b = 0u64;
             for (sql, bound) in [
                 (
-                    "DELETE FROM messages WHERE expires_ms <= ?1 RETURNING bytes",
+                    "DELETE FROM messages WHERE expires_ms <= ?1 AND NOT {PINNED} RETURNING bytes",
                     *now_ms,
                 ),
                 (
-                    "DELETE FROM messages WHERE received_ms < ?1 RETURNING bytes",
+                    "DELETE FROM messages WHERE received_ms < ?1 AND NOT {PINNED} RETURNING bytes",
                     oldest_kept,
                 ),
             ] {
-                let mut st = tx.prepare_cached(sql)?;
+                let mut st = tx.prepare_cached(&sql.replace("{PINNED}", PINNED))?;
                 let mut rows = st.query([bound])?;
                 while let Some(r) = rows.next()? {
                     n += 1;
@@ -274,6 +274,11 @@ fn apply(
     })
 }
 
+/// Rows neither eviction nor expiry may delete: QoS 2 messages already sent. The peer may hold
+/// their packet id awaiting PUBREL; deleting the row would let a later message reuse the id and
+/// be taken for a duplicate (the uplink derives ids from rows). They leave when acknowledged.
+const PINNED: &str = "(qos = 2 AND state >= 1)";
+
 /// `drop_oldest`: deletes the lowest ids until one more message of `need` bytes fits.
 fn evict_until_fits(
     tx: &Transaction<'_>,
@@ -283,8 +288,9 @@ fn evict_until_fits(
 ) -> rusqlite::Result<()> {
     while t.messages > 0 && (t.messages + 1 > cfg.max_messages || t.bytes + need > cfg.max_bytes) {
         let victims: Vec<(i64, i64)> = {
-            let mut st =
-                tx.prepare_cached("SELECT id, bytes FROM messages ORDER BY id LIMIT 64")?;
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT id, bytes FROM messages WHERE NOT {PINNED} ORDER BY id LIMIT 64"
+            ))?;
             let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
