@@ -210,7 +210,7 @@ pub fn start(
     match setup.store.outbox_released() {
         Ok(rows) => {
             for r in rows {
-                if let Some(p) = row_publish(&r, now.into_std()) {
+                if let Some(p) = row_publish(&r) {
                     session.restore(r.id, packet_id_for(r.id), p, Stage::Released);
                     restored.insert(r.id);
                 }
@@ -225,7 +225,11 @@ pub fn start(
             .for_each(|(_, pid)| session.restore_inbound(pid)),
         Err(e) => tracing::error!(error = %e, "reading inbound QoS 2 state failed"),
     }
-    let mut classes: Vec<_> = setup.store.outbox_classes().unwrap_or_default();
+    let mut classes: Vec<_> = setup.store.outbox_classes().unwrap_or_else(|e| {
+        // The rules' classes are still drained; rows of retired priorities wait for a restart.
+        tracing::error!(error = %e, "listing outbox classes failed");
+        Vec::new()
+    });
     classes.extend(setup.rules.outs.iter().map(|r| outbox_dest(r.priority)));
     let seed = std::process::id() as u64 ^ now.elapsed().as_nanos() as u64 ^ unix_nanos();
     let (done_tx, done_rx) = mpsc::channel(2 * c.max_inflight as usize + INBOUND_WINDOW + 16);
@@ -269,7 +273,7 @@ fn unix_nanos() -> u64 {
 
 /// An outbox row as the PUBLISH that goes up; `None` for a row that no longer decodes (only a
 /// damaged database holds one).
-fn row_publish(r: &StoredMessage, now: std::time::Instant) -> Option<Publish> {
+fn row_publish(r: &StoredMessage) -> Option<Publish> {
     let qos = QoS::from_bits(r.msg.qos)?;
     let mut properties = stored_properties(&r.msg.props).ok()?;
     if let Some(exp) = r.msg.expires_ms {
@@ -277,7 +281,6 @@ fn row_publish(r: &StoredMessage, now: std::time::Instant) -> Option<Publish> {
         let left = (left_ms.max(1) as u64).div_ceil(1000);
         properties.message_expiry_interval = Some(left.min(u32::MAX as u64) as u32);
     }
-    let _ = now;
     Some(Publish {
         dup: false,
         qos,
@@ -356,7 +359,8 @@ impl Driver {
         let limit = self
             .keepalive
             .clamp(Duration::from_secs(5), Duration::from_secs(30));
-        let tcp = match tokio::time::timeout(limit, TcpStream::connect(target)).await {
+        let addr = (self.url.host.as_str(), self.url.port);
+        let tcp = match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
             Err(_) => return Err(format!("connect to {target}: timed out after {limit:?}")),
             Ok(Err(e)) => return Err(format!("connect to {target}: {e}")),
             Ok(Ok(s)) => s,
@@ -521,7 +525,7 @@ impl Driver {
                 self.delete(row.id);
                 continue;
             }
-            let Some(p) = row_publish(&row, now.into_std()) else {
+            let Some(p) = row_publish(&row) else {
                 tracing::error!(row = row.id, "outbox row does not decode; dropping it");
                 self.delete(row.id);
                 continue;
