@@ -3,6 +3,8 @@
 //! - `topic`: topic names and filters.
 //! - `mqtt`: the strict MQTT codec, the broker-side connection machine, and the client session
 //!   machine for the uplink.
+//! - `mqttsn`: MQTT-SN 1.2 (so far its codec).
 
 pub mod mqtt;
+pub mod mqttsn;
 pub mod topic;
