@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::rq::{client, drain, publish_until_killed, register};
+use common::rq::{client, drain, publish_until_killed, register, tally};
 use common::Outpost;
 use rumqttc::{Event, Packet, QoS};
 use tokio::time::timeout;
@@ -105,32 +105,18 @@ async fn acknowledged_messages_survive_random_kill_9() {
         "session present after {KILLS} kills; log:\n{}",
         o.log()
     );
-    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
-    for p in &got {
-        *seen.entry(p.parse().unwrap()).or_default() += 1;
-    }
-    let lost: Vec<u64> = acked
-        .keys()
-        .filter(|s| !seen.contains_key(s))
-        .copied()
-        .collect();
-    let q1 = acked.values().filter(|q| **q == QoS::AtLeastOnce).count();
-    let q2 = acked.len() - q1;
-    let dup = |qos_parity: u64| -> usize {
-        seen.iter()
-            .filter(|(s, n)| *s % 2 == qos_parity && **n > 1)
-            .map(|(_, n)| n - 1)
-            .sum()
-    };
-    let (dup1, dup2) = (dup(0), dup(1));
+    let t = tally(&acked, &got);
+    let (lost, dup1, dup2) = (&t.lost, t.dup_q1, t.dup_q2);
     println!(
-        "{KILLS} kills in {:.1}s: {} acknowledged ({q1} QoS 1, {q2} QoS 2), {} delivered, {} lost, \
+        "{KILLS} kills in {:.1}s: {} acknowledged ({} QoS 1, {} QoS 2), {} delivered, {} lost, \
          {dup1} QoS 1 duplicates, {dup2} QoS 2 duplicates, {} unacknowledged also delivered",
         started.elapsed().as_secs_f64(),
         acked.len(),
+        t.acked_q1,
+        t.acked_q2,
         got.len(),
         lost.len(),
-        seen.keys().filter(|s| !acked.contains_key(s)).count()
+        t.unacked_delivered
     );
     assert!(
         acked.len() > 100,

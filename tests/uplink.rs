@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::proxy::{Mode, Mosquitto, Proxy};
-use common::rq::{client, drain, publish_until_killed, register};
+use common::proxy::{free_port, Mode, Mosquitto, Proxy};
+use common::rq::{client, drain, publish_until_killed, register, tally};
 use common::Outpost;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tokio::time::timeout;
@@ -330,26 +330,11 @@ async fn acknowledged_messages_reach_the_cloud_across_kills_and_a_flaky_link() {
     // Let late duplicates show up before counting them.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let got = cloud.payloads();
-    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
-    for p in &got {
-        *seen.entry(p.parse().unwrap()).or_default() += 1;
-    }
-    let lost: Vec<u64> = acked
-        .keys()
-        .filter(|s| !seen.contains_key(s))
-        .copied()
-        .collect();
-    let q1 = acked.values().filter(|q| **q == QoS::AtLeastOnce).count();
-    let dup = |parity: u64| -> usize {
-        seen.iter()
-            .filter(|(s, n)| *s % 2 == parity && **n > 1)
-            .map(|(_, n)| n - 1)
-            .sum()
-    };
-    let (dup1, dup2) = (dup(0), dup(1));
+    let t = tally(&acked, &got);
+    let (lost, dup1, dup2) = (&t.lost, t.dup_q1, t.dup_q2);
     println!(
         "{KILLS} kills and {} link faults ({} cuts, {} black holes, {} refusals) in {:.1}s: \
-         {} acknowledged locally ({q1} QoS 1, {} QoS 2), {} received by the cloud, {} lost, \
+         {} acknowledged locally ({} QoS 1, {} QoS 2), {} received by the cloud, {} lost, \
          {dup1} QoS 1 duplicates, {dup2} QoS 2 duplicates",
         faults[0] + faults[1] + faults[2],
         faults[0],
@@ -357,7 +342,8 @@ async fn acknowledged_messages_reach_the_cloud_across_kills_and_a_flaky_link() {
         faults[2],
         started.elapsed().as_secs_f64(),
         acked.len(),
-        acked.len() - q1,
+        t.acked_q1,
+        t.acked_q2,
         got.len(),
         lost.len()
     );
@@ -496,10 +482,7 @@ async fn mutual_tls_with_pkcs8_pkcs1_and_sec1_keys() {
     let pki = tempfile::tempdir().unwrap();
     let d = pki.path();
     make_pki(d);
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap();
+    let tls_port = free_port();
     let m = Mosquitto::start_with(&format!(
         "listener {tls_port} 127.0.0.1\ncafile {0}/ca.crt\ncertfile {0}/server.crt\n\
          keyfile {0}/server.key\nrequire_certificate true\n",
@@ -549,13 +532,7 @@ async fn websocket_and_secure_websocket_transports() {
     let pki = tempfile::tempdir().unwrap();
     let d = pki.path();
     make_pki(d);
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap()
-    };
-    let (ws_port, wss_port) = (free(), free());
+    let (ws_port, wss_port) = (free_port(), free_port());
     let m = Mosquitto::start_with(&format!(
         "listener {ws_port} 127.0.0.1\nprotocol websockets\n\
          listener {wss_port} 127.0.0.1\nprotocol websockets\ncafile {0}/ca.crt\n\

@@ -71,11 +71,6 @@ impl Outbox {
             c.rows.push_front(row);
         }
     }
-
-    /// Rows read but not yet handed out.
-    pub fn buffered(&self) -> usize {
-        self.classes.values().map(|c| c.rows.len()).sum()
-    }
 }
 
 #[cfg(test)]

@@ -153,6 +153,7 @@ pub struct Routed {
 }
 
 /// Something released when a commit completes.
+#[derive(Default)]
 struct Pending {
     /// The packet to send, on the connection it answers.
     reply: Option<(ConnId, Packet)>,
@@ -445,12 +446,10 @@ impl Hub {
             });
         }
         let pending = Pending {
-            reply: None,
             tails: routed.tails,
-            publisher: None,
             rows: routed.rows,
-            qos2_dup: None,
             uplink: Some((p.packet_id, p.qos)),
+            ..Pending::default()
         };
         self.submit_gated(now, routed.ops, pending, out);
     }
@@ -772,11 +771,7 @@ impl Hub {
                         Some(op) => {
                             let pending = Pending {
                                 reply: Some((conn, rel)),
-                                tails: Vec::new(),
-                                publisher: None,
-                                rows: Vec::new(),
-                                qos2_dup: None,
-                                uplink: None,
+                                ..Pending::default()
                             };
                             self.submit_gated(now, vec![op], pending, out);
                         }
@@ -807,11 +802,7 @@ impl Hub {
                     };
                     let pending = Pending {
                         reply: Some((conn, comp)),
-                        tails: Vec::new(),
-                        publisher: None,
-                        rows: Vec::new(),
-                        qos2_dup: None,
-                        uplink: None,
+                        ..Pending::default()
                     };
                     self.submit_gated(now, vec![op], pending, out);
                 } else {
@@ -899,11 +890,8 @@ impl Hub {
             // empty request completes after them; if they were refused, so is this ack.
             let pending = Pending {
                 reply: Some((conn, rec)),
-                tails: Vec::new(),
-                publisher: None,
-                rows: Vec::new(),
                 qos2_dup: Some(p.packet_id),
-                uplink: None,
+                ..Pending::default()
             };
             return self.submit_gated(now, Vec::new(), pending, out);
         }
@@ -982,8 +970,7 @@ impl Hub {
             tails: routed.tails,
             publisher: Some(id.clone()),
             rows: routed.rows,
-            qos2_dup: None,
-            uplink: None,
+            ..Pending::default()
         };
         self.submit_gated(now, routed.ops, pending, out);
     }
@@ -1226,10 +1213,7 @@ impl Hub {
         let pending = Pending {
             reply: Some((conn, ack)),
             tails,
-            publisher: None,
-            rows: Vec::new(),
-            qos2_dup: None,
-            uplink: None,
+            ..Pending::default()
         };
         self.submit_gated(now, ops, pending, out);
     }
@@ -1368,12 +1352,9 @@ impl Hub {
         let routed = self.route(now, msg, out);
         if !routed.ops.is_empty() {
             let pending = Pending {
-                reply: None,
                 tails: routed.tails,
-                publisher: None,
                 rows: routed.rows,
-                qos2_dup: None,
-                uplink: None,
+                ..Pending::default()
             };
             self.submit_gated(now, routed.ops, pending, out);
         }

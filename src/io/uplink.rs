@@ -11,7 +11,8 @@
 //!
 //! Buffers and their policy when full:
 //! - rows read from the store (`outbox::WINDOW` per class): reading stops until they are sent;
-//! - `live` (QoS 0 from the hub): dropped and counted, as QoS 0 allows;
+//! - `live` (QoS 0 from the hub): dropped and counted, as QoS 0 allows; not taken while
+//!   `WRITE_HIGH_WATER` bytes wait for the socket;
 //! - `done` (store completions): holds every row in flight plus every inbound message awaiting
 //!   its PUBREL, which is what can be outstanding, so the writer thread never waits on it;
 //! - inbound messages awaiting their commit: at most `INBOUND_WINDOW`; past that the socket is
@@ -47,6 +48,9 @@ use crate::store::{Op, Store, StoredMessage};
 pub const INBOUND_WINDOW: usize = 256;
 /// QoS 0 messages waiting for the uplink.
 pub const LIVE_QUEUE: usize = 1024;
+/// Bytes waiting for the socket above which no more live QoS 0 is taken. Everything else that
+/// writes is bounded already: publishes by the inflight window, acks by `INBOUND_WINDOW`.
+pub const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// The retained topic that shows the uplink's state.
 pub const STATE_TOPIC: &str = "$SYS/outpost/uplink/state";
 
@@ -477,7 +481,9 @@ impl Driver {
                     self.outbox.wake(None);
                     notified.set(wake_src.notified());
                 }
-                Some(p) = self.ch.live.recv() => {
+                // Live QoS 0 is taken only while the socket keeps up: when it does not (a slow
+                // or black-holed link), it waits in `live`, which drops and counts when full.
+                Some(p) = self.ch.live.recv(), if wbuf.len() < WRITE_HIGH_WATER => {
                     if self.session.publish(Instant::now().into_std(), 0, p).is_ok() {
                         self.stats.sent += 1;
                     }

@@ -154,6 +154,16 @@ fn pump(
     let _ = to.shutdown(Shutdown::Write);
 }
 
+/// A loopback port nobody holds right now, for a broker that must be told its port (a child
+/// process binds it a moment later, so another program could take it first: a small race
+/// that only costs a failed start).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 /// A mosquitto broker on a free port, stopped on drop.
 pub struct Mosquitto {
     pub port: u16,
@@ -169,10 +179,7 @@ impl Mosquitto {
     /// With `extra` lines appended to the config (more listeners, TLS files).
     pub fn start_with(extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let port = free_port();
         let conf = dir.path().join("m.conf");
         std::fs::write(
             &conf,

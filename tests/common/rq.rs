@@ -123,3 +123,43 @@ pub async fn publish_until_killed(
     sender.abort();
     next
 }
+
+/// What a crash test's receiver got, against what the publisher saw acknowledged. Sequence
+/// numbers follow `publish_until_killed`: even ones went at QoS 1, odd ones at QoS 2.
+#[derive(Debug)]
+pub struct Tally {
+    /// Acknowledged and never received.
+    pub lost: Vec<u64>,
+    pub acked_q1: usize,
+    pub acked_q2: usize,
+    pub dup_q1: usize,
+    pub dup_q2: usize,
+    /// Received although their ack never reached the publisher (in flight at a crash).
+    pub unacked_delivered: usize,
+}
+
+pub fn tally(acked: &BTreeMap<u64, QoS>, payloads: &[String]) -> Tally {
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for p in payloads {
+        *seen.entry(p.parse().expect("numeric payload")).or_default() += 1;
+    }
+    let dup = |parity: u64| -> usize {
+        seen.iter()
+            .filter(|(s, n)| *s % 2 == parity && **n > 1)
+            .map(|(_, n)| n - 1)
+            .sum()
+    };
+    let acked_q1 = acked.values().filter(|q| **q == QoS::AtLeastOnce).count();
+    Tally {
+        lost: acked
+            .keys()
+            .filter(|s| !seen.contains_key(s))
+            .copied()
+            .collect(),
+        acked_q1,
+        acked_q2: acked.len() - acked_q1,
+        dup_q1: dup(0),
+        dup_q2: dup(1),
+        unacked_delivered: seen.keys().filter(|s| !acked.contains_key(s)).count(),
+    }
+}

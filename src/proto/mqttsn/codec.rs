@@ -232,35 +232,40 @@ pub enum Message {
 impl Message {
     /// The message's name, for logs and counters.
     pub fn name(&self) -> &'static str {
+        name_of(self.type_byte()).unwrap_or("?")
+    }
+
+    /// The MsgType byte [5.2.2].
+    pub fn type_byte(&self) -> u8 {
         match self {
-            Message::Advertise { .. } => "ADVERTISE",
-            Message::SearchGw { .. } => "SEARCHGW",
-            Message::GwInfo { .. } => "GWINFO",
-            Message::Connect { .. } => "CONNECT",
-            Message::ConnAck { .. } => "CONNACK",
-            Message::WillTopicReq => "WILLTOPICREQ",
-            Message::WillTopic(_) => "WILLTOPIC",
-            Message::WillMsgReq => "WILLMSGREQ",
-            Message::WillMsg(_) => "WILLMSG",
-            Message::Register { .. } => "REGISTER",
-            Message::RegAck { .. } => "REGACK",
-            Message::Publish { .. } => "PUBLISH",
-            Message::PubAck { .. } => "PUBACK",
-            Message::PubRec { .. } => "PUBREC",
-            Message::PubRel { .. } => "PUBREL",
-            Message::PubComp { .. } => "PUBCOMP",
-            Message::Subscribe { .. } => "SUBSCRIBE",
-            Message::SubAck { .. } => "SUBACK",
-            Message::Unsubscribe { .. } => "UNSUBSCRIBE",
-            Message::UnsubAck { .. } => "UNSUBACK",
-            Message::PingReq { .. } => "PINGREQ",
-            Message::PingResp => "PINGRESP",
-            Message::Disconnect { .. } => "DISCONNECT",
-            Message::WillTopicUpd(_) => "WILLTOPICUPD",
-            Message::WillTopicResp { .. } => "WILLTOPICRESP",
-            Message::WillMsgUpd(_) => "WILLMSGUPD",
-            Message::WillMsgResp { .. } => "WILLMSGRESP",
-            Message::Encapsulated { .. } => "ENCAPSULATED",
+            Message::Advertise { .. } => 0x00,
+            Message::SearchGw { .. } => 0x01,
+            Message::GwInfo { .. } => 0x02,
+            Message::Connect { .. } => 0x04,
+            Message::ConnAck { .. } => 0x05,
+            Message::WillTopicReq => 0x06,
+            Message::WillTopic(_) => 0x07,
+            Message::WillMsgReq => 0x08,
+            Message::WillMsg(_) => 0x09,
+            Message::Register { .. } => 0x0A,
+            Message::RegAck { .. } => 0x0B,
+            Message::Publish { .. } => 0x0C,
+            Message::PubAck { .. } => 0x0D,
+            Message::PubComp { .. } => 0x0E,
+            Message::PubRec { .. } => 0x0F,
+            Message::PubRel { .. } => 0x10,
+            Message::Subscribe { .. } => 0x12,
+            Message::SubAck { .. } => 0x13,
+            Message::Unsubscribe { .. } => 0x14,
+            Message::UnsubAck { .. } => 0x15,
+            Message::PingReq { .. } => 0x16,
+            Message::PingResp => 0x17,
+            Message::Disconnect { .. } => 0x18,
+            Message::WillTopicUpd(_) => 0x1A,
+            Message::WillTopicResp { .. } => 0x1B,
+            Message::WillMsgUpd(_) => 0x1C,
+            Message::WillMsgResp { .. } => 0x1D,
+            Message::Encapsulated { .. } => 0xFE,
         }
     }
 }
@@ -526,20 +531,17 @@ fn decode_nested(d: &[u8], depth: u8) -> Result<Message, DecodeError> {
 /// caller's to prevent (the gateway never builds one: its payloads come from bounded packets).
 pub fn encode(m: &Message, out: &mut Vec<u8>) {
     let mut body = Vec::with_capacity(16);
-    let t: u8 = match m {
+    match m {
         Message::Advertise { gw_id, duration } => {
             body.push(*gw_id);
             body.extend_from_slice(&duration.to_be_bytes());
-            0x00
         }
         Message::SearchGw { radius } => {
             body.push(*radius);
-            0x01
         }
         Message::GwInfo { gw_id, address } => {
             body.push(*gw_id);
             body.extend_from_slice(address);
-            0x02
         }
         Message::Connect {
             flags,
@@ -550,32 +552,23 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
             body.push(0x01);
             body.extend_from_slice(&duration.to_be_bytes());
             body.extend_from_slice(client_id.as_bytes());
-            0x04
         }
         Message::ConnAck { rc } => {
             body.push(*rc);
-            0x05
         }
-        Message::WillTopicReq => 0x06,
+        Message::WillTopicReq => {}
         Message::WillTopic(w) | Message::WillTopicUpd(w) => {
             if let Some((f, topic)) = w {
                 body.push(f.byte());
                 body.extend_from_slice(topic.as_bytes());
             }
-            if matches!(m, Message::WillTopic(_)) {
-                0x07
-            } else {
-                0x1A
-            }
         }
-        Message::WillMsgReq => 0x08,
+        Message::WillMsgReq => {}
         Message::WillMsg(d) => {
             body.extend_from_slice(d);
-            0x09
         }
         Message::WillMsgUpd(d) => {
             body.extend_from_slice(d);
-            0x1C
         }
         Message::Register {
             topic_id,
@@ -585,7 +578,6 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
             body.extend_from_slice(&topic_id.to_be_bytes());
             body.extend_from_slice(&msg_id.to_be_bytes());
             body.extend_from_slice(topic.as_bytes());
-            0x0A
         }
         Message::RegAck {
             topic_id,
@@ -595,7 +587,6 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
             body.extend_from_slice(&topic_id.to_be_bytes());
             body.extend_from_slice(&msg_id.to_be_bytes());
             body.push(*rc);
-            0x0B
         }
         Message::Publish {
             flags,
@@ -609,7 +600,6 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
             body.extend_from_slice(&topic.id_bytes());
             body.extend_from_slice(&msg_id.to_be_bytes());
             body.extend_from_slice(data);
-            0x0C
         }
         Message::PubAck {
             topic_id,
@@ -619,19 +609,15 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
             body.extend_from_slice(topic_id);
             body.extend_from_slice(&msg_id.to_be_bytes());
             body.push(*rc);
-            0x0D
         }
         Message::PubComp { msg_id } => {
             body.extend_from_slice(&msg_id.to_be_bytes());
-            0x0E
         }
         Message::PubRec { msg_id } => {
             body.extend_from_slice(&msg_id.to_be_bytes());
-            0x0F
         }
         Message::PubRel { msg_id } => {
             body.extend_from_slice(&msg_id.to_be_bytes());
-            0x10
         }
         Message::Subscribe {
             flags,
@@ -651,11 +637,6 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
                 TopicRef::Name(n) => body.extend_from_slice(n.as_bytes()),
                 other => body.extend_from_slice(&other.id_bytes()),
             }
-            if matches!(m, Message::Subscribe { .. }) {
-                0x12
-            } else {
-                0x14
-            }
         }
         Message::SubAck {
             flags,
@@ -667,32 +648,26 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
             body.extend_from_slice(&topic_id.to_be_bytes());
             body.extend_from_slice(&msg_id.to_be_bytes());
             body.push(*rc);
-            0x13
         }
         Message::UnsubAck { msg_id } => {
             body.extend_from_slice(&msg_id.to_be_bytes());
-            0x15
         }
         Message::PingReq { client_id } => {
             if let Some(c) = client_id {
                 body.extend_from_slice(c.as_bytes());
             }
-            0x16
         }
-        Message::PingResp => 0x17,
+        Message::PingResp => {}
         Message::Disconnect { duration } => {
             if let Some(d) = duration {
                 body.extend_from_slice(&d.to_be_bytes());
             }
-            0x18
         }
         Message::WillTopicResp { rc } => {
             body.push(*rc);
-            0x1B
         }
         Message::WillMsgResp { rc } => {
             body.push(*rc);
-            0x1D
         }
         Message::Encapsulated {
             radius,
@@ -706,9 +681,9 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
             out.extend_from_slice(&body);
             return encode(inner, out);
         }
-    };
+    }
     header(out, body.len() + 1);
-    out.push(t);
+    out.push(m.type_byte());
     out.extend_from_slice(&body);
 }
 
