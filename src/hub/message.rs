@@ -20,6 +20,8 @@ pub enum Origin {
     Uplink,
     /// Published by outpost itself ($SYS): never sent up.
     System,
+    /// An MQTT-SN QoS -1 publish: no connection, no client id.
+    Unconnected,
 }
 
 impl Origin {
@@ -27,7 +29,11 @@ impl Origin {
     pub fn client(&self) -> Option<&str> {
         match self {
             Origin::Client(c) => Some(c),
-            Origin::Will(_) | Origin::Restored | Origin::Uplink | Origin::System => None,
+            Origin::Will(_)
+            | Origin::Restored
+            | Origin::Uplink
+            | Origin::System
+            | Origin::Unconnected => None,
         }
     }
 }

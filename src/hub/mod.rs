@@ -116,6 +116,13 @@ pub enum HubInput {
     /// A message from the cloud broker, already renamed to its local topic. QoS 1/2 are
     /// answered with `Outlet::uplink_ack` once their effects commit.
     Uplink(Publish),
+    /// A new will for a connected client (MQTT-SN WILLTOPICUPD/WILLMSGUPD); `None` removes it.
+    SetWill {
+        conn: ConnId,
+        will: Option<Will>,
+    },
+    /// A publish that arrived without a connection (MQTT-SN QoS -1): routed at QoS 0.
+    Unconnected(Publish),
     /// A message outpost publishes itself ($SYS): QoS 0, local only.
     System {
         topic: String,
@@ -396,6 +403,23 @@ impl Hub {
             }
             HubInput::Committed { token, outcome } => self.on_committed(now, token, outcome, out),
             HubInput::Uplink(p) => self.on_uplink_publish(now, p, out),
+            HubInput::SetWill { conn, will } => self.on_set_will(conn, will),
+            HubInput::Unconnected(p) => {
+                self.stats.received += 1;
+                let (props, expires_at) = message::end_to_end(p.properties, now);
+                let msg = Arc::new(Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: QoS::AtMostOnce,
+                    retain: p.retain,
+                    properties: props,
+                    origin: Origin::Unconnected,
+                    received_at: now,
+                    expires_at,
+                });
+                let mut routed = self.route(now, msg, out);
+                self.persist.ops.append(&mut routed.ops);
+            }
             HubInput::System {
                 topic,
                 payload,
@@ -452,6 +476,19 @@ impl Hub {
             ..Pending::default()
         };
         self.submit_gated(now, routed.ops, pending, out);
+    }
+
+    /// Replaces a connected session's will; a stored session's row follows, so the will a
+    /// restart publishes is the latest one.
+    fn on_set_will(&mut self, conn: ConnId, will: Option<Will>) {
+        let Some(s) = self.conns.get(&conn).and_then(|id| self.sessions.get_mut(id)) else {
+            return;
+        };
+        s.will = will;
+        if s.stored && self.persist.durable.is_some() {
+            let row = stored_row(&self.persist.clock, s);
+            self.persist.ops.push(Op::SessionPut(row));
+        }
     }
 
     fn on_committed(&mut self, now: Instant, token: u64, outcome: Outcome, out: &mut dyn Outlet) {
@@ -811,6 +848,17 @@ impl Hub {
             }
             Packet::Subscribe(sub) => self.on_subscribe(now, conn, &id, sub, out),
             Packet::Unsubscribe(u) => self.on_unsubscribe(now, conn, &id, u, out),
+            // Only the MQTT-SN gateway sends PINGREQ to the hub (MQTT listeners answer it
+            // themselves): it asks to be told, by PINGRESP, once the session has nothing left
+            // to deliver, which is when a woken sleeping client may sleep again.
+            Packet::PingReq => {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.idle_probe = true;
+                    if !s.stalled {
+                        s.pump(now, &self.cfg, &mut self.stats, out, &mut self.persist);
+                    }
+                }
+            }
             other => tracing::debug!(client = %id, packet = other.name(), "ignored"),
         }
     }

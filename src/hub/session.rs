@@ -118,6 +118,8 @@ pub struct Session {
     /// This client's QoS 1 publishes whose PUBACK waits for a commit. With `inbound_qos2`
     /// (QoS 2 from routing to PUBCOMP) it is what counts against our Receive Maximum.
     pub awaiting_acks: usize,
+    /// The connection asked (PINGREQ) to hear once nothing is queued or in flight.
+    pub idle_probe: bool,
 }
 
 impl Session {
@@ -138,6 +140,7 @@ impl Session {
             control: VecDeque::new(),
             receive_max: u16::MAX,
             max_packet: u32::MAX,
+            idle_probe: false,
             stalled: false,
             stored: false,
             tail: false,
@@ -385,6 +388,18 @@ impl Session {
                     });
                 }
             }
+        }
+        if self.idle_probe
+            && self.queue.is_empty()
+            && self.inflight.is_empty()
+            && !self.tail
+            && self.uncommitted_tail == 0
+        {
+            if out.try_send(conn, Packet::PingResp).is_err() {
+                self.stalled = true;
+                return;
+            }
+            self.idle_probe = false;
         }
     }
 

@@ -1,7 +1,8 @@
-//! MQTT-SN 1.2, sans-IO. So far the codec (`codec`): every message type of the
-//! specification, strict decoding, and the encoder. The gateway machine comes with issue 5.
+//! MQTT-SN 1.2, sans-IO: the codec (`codec`: every message type, strict decoding, the
+//! encoder), the gateway machine (`gateway`) and the serial framing (`serial`).
 
 pub mod codec;
+pub mod gateway;
 
 #[cfg(test)]
 mod tests;

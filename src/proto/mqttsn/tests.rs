@@ -328,7 +328,8 @@ fn topic_ref() -> impl Strategy<Value = TopicRef> {
     ]
 }
 
-fn message() -> impl Strategy<Value = Message> {
+/// Any well-formed message (the gateway tests feed these too).
+pub(super) fn message() -> impl Strategy<Value = Message> {
     let data = proptest::collection::vec(any::<u8>(), 0..400).prop_map(Bytes::from);
     prop_oneof![
         (flags(), topic_ref(), any::<u16>(), data.clone()).prop_map(
