@@ -78,7 +78,7 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
     println!("gateway id:   {}", c.gateway_id());
     println!("data dir:     {}", c.data_dir().display());
     for l in &c.listeners {
-        println!("listener:     {:?} on {}", l.kind, l.bind);
+        println!("listener:     {:?} on {}", l.kind, l.place());
     }
     let l = &c.limits;
     println!(

@@ -17,6 +17,10 @@ use crate::hub::durable::Clock;
 use crate::hub::{Hub, HubConfig, Restored};
 use crate::io::hub_task::{self, HubMsg, HUB_QUEUE};
 use crate::io::mqtt_listener::{self, ListenerShared};
+use crate::io::mqttsn;
+use crate::io::mqttsn_serial::Serial;
+use crate::io::mqttsn_udp::Udp;
+use crate::proto::mqttsn::gateway::{Gateway, GatewayConfig, Predefined};
 use crate::io::store_link::{StoreLink, COMMITS_QUEUE};
 use crate::io::uplink::{self, UplinkSetup};
 use crate::proto::mqtt::server::ServerLimits;
@@ -58,6 +62,35 @@ pub enum ServerError {
     /// The uplink could not be set up.
     #[error("uplink")]
     Uplink(#[from] crate::io::uplink::UplinkError),
+    /// A serial port for MQTT-SN could not be opened.
+    #[error("cannot open serial port {device}")]
+    Serial {
+        device: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The MQTT-SN gateway's settings for listener number `index`: each listener has its own
+/// range of connection ids, apart from the MQTT listeners' (which count up from 1).
+pub fn gateway_config(c: &Config, index: usize) -> GatewayConfig {
+    let sn = &c.mqttsn;
+    GatewayConfig {
+        gateway_id: sn.gateway_id,
+        predefined: sn
+            .predefined
+            .iter()
+            .map(|p| Predefined {
+                id: p.id,
+                topic: p.topic.clone(),
+                client: p.client.clone(),
+            })
+            .collect(),
+        retry_interval: sn.retry.interval.0,
+        retry_count: sn.retry.count,
+        advertise: sn.advertise.as_ref().map(|a| a.interval.0),
+        max_clients: sn.max_clients.get(),
+        conn_base: (1 << 62) + ((index as u64) << 40),
+    }
 }
 
 /// The store's settings from the config.
@@ -199,18 +232,51 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         next_conn: AtomicU64::new(1),
     });
     let mut accept_tasks = Vec::new();
-    for l in &config.listeners {
+    let sn_cfg = Arc::new(config.mqttsn.clone());
+    for (index, l) in config.listeners.iter().enumerate() {
         match l.kind {
+            ListenerKind::MqttSn => {
+                let udp = Udp::bind(l.addr(), sn_cfg.clone()).await.map_err(|source| {
+                    ServerError::Bind {
+                        kind: "mqtt-sn",
+                        addr: l.addr(),
+                        source,
+                    }
+                })?;
+                let addr = udp.local_addr().unwrap_or(l.addr());
+                tracing::info!(kind = "mqtt-sn", %addr, "MQTT-SN 1.2 gateway on UDP {addr}");
+                let gw = Gateway::new(std::time::Instant::now(), gateway_config(&config, index));
+                accept_tasks.push(tokio::spawn(mqttsn::run(
+                    udp,
+                    gw,
+                    hub_tx.clone(),
+                    stop_rx.clone(),
+                )));
+            }
+            ListenerKind::MqttSnSerial => {
+                let port = Serial::open(l).map_err(|source| ServerError::Serial {
+                    device: l.device.clone().unwrap_or_default(),
+                    source,
+                })?;
+                tracing::info!(kind = "mqtt-sn-serial", place = %l.place(), "MQTT-SN 1.2 gateway on serial {}", l.place());
+                let gw = Gateway::new(std::time::Instant::now(), gateway_config(&config, index));
+                accept_tasks.push(tokio::spawn(mqttsn::run(
+                    port,
+                    gw,
+                    hub_tx.clone(),
+                    stop_rx.clone(),
+                )));
+            }
             ListenerKind::Mqtt => {
                 let listener =
-                    TcpListener::bind(l.bind)
+                    TcpListener::bind(l.addr())
                         .await
                         .map_err(|source| ServerError::Bind {
                             kind: "mqtt",
-                            addr: l.bind,
+                            addr: l.addr(),
                             source,
                         })?;
-                let addr = listener.local_addr().unwrap_or(l.bind);
+                let addr = listener.local_addr().unwrap_or(l.addr());
                 tracing::info!(kind = "mqtt", %addr, "listening for MQTT 3.1, 3.1.1 and 5.0 on {addr}");
                 accept_tasks.push(tokio::spawn(mqtt_listener::serve(
                     listener,

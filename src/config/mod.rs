@@ -4,6 +4,7 @@
 //! Unknown keys are errors (`deny_unknown_fields`), so a typo never silently falls back to a
 //! default. Durations and sizes are written in human units ("30s", "512MiB").
 
+mod mqttsn;
 mod units;
 mod uplink;
 
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+pub use mqttsn::{Advertise, MqttSn, Network, PredefinedTopic, Retry};
 pub use units::{Duration, Size};
 pub use uplink::{Backoff, Protocol, RateLimit, Scheme, Uplink, Url};
 
@@ -59,6 +61,9 @@ pub struct Config {
     /// The cloud broker; none means local-only.
     #[serde(default)]
     pub uplink: Option<Uplink>,
+    /// The MQTT-SN gateway, for every `mqtt-sn` and `mqtt-sn-serial` listener.
+    #[serde(default)]
+    pub mqttsn: MqttSn,
 }
 
 /// `synchronous` in `[store]`.
@@ -120,12 +125,16 @@ pub struct Gateway {
     pub data_dir: Option<PathBuf>,
 }
 
-/// The kinds of listener. Later issues add "mqtts", "ws", "wss" and "mqtt-sn".
+/// The kinds of listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ListenerKind {
     /// Plain MQTT over TCP, every protocol level on one port.
     Mqtt,
+    /// The MQTT-SN gateway over UDP.
+    MqttSn,
+    /// The MQTT-SN gateway over a serial port, in SLIP frames (see README).
+    MqttSnSerial,
 }
 
 /// `[[listener]]`.
@@ -133,7 +142,42 @@ pub enum ListenerKind {
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub kind: ListenerKind,
-    pub bind: SocketAddr,
+    /// The address, for `mqtt` (TCP) and `mqtt-sn` (UDP).
+    #[serde(default)]
+    pub bind: Option<SocketAddr>,
+    /// The serial device, for `mqtt-sn-serial`.
+    #[serde(default)]
+    pub device: Option<PathBuf>,
+    /// The serial line speed, for `mqtt-sn-serial`.
+    #[serde(default)]
+    pub baud: Option<u32>,
+    /// `mqtt-sn-serial`: each frame ends with a CRC-16 (on by default).
+    #[serde(default)]
+    pub crc: Option<bool>,
+    /// `mqtt-sn-serial`: whoever is on the line may publish at QoS -1 (off by default; UDP
+    /// listeners use `[mqttsn] qos_minus_one_from`).
+    #[serde(default)]
+    pub qos_minus_one: Option<bool>,
+}
+
+impl Listener {
+    /// The address of a network listener (validated to be there).
+    pub fn addr(&self) -> SocketAddr {
+        self.bind.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// What it listens on, for logs and `check`.
+    pub fn place(&self) -> String {
+        match (&self.bind, &self.device) {
+            (Some(b), _) => b.to_string(),
+            (None, Some(d)) => format!("{} at {} baud", d.display(), self.baud.unwrap_or(0)),
+            (None, None) => "?".into(),
+        }
+    }
+
+    fn tcp(&self) -> bool {
+        self.kind == ListenerKind::Mqtt
+    }
 }
 
 /// `[limits]`: what one client, or all of them, may use.
@@ -175,7 +219,7 @@ impl Default for Limits {
 const PROTOCOL_MAX_PACKET: u64 = 268_435_460;
 
 impl Config {
-    /// The embedded defaults: MQTT on 127.0.0.1:1883, no uplink.
+    /// The embedded defaults: MQTT on 127.0.0.1:1883, MQTT-SN on UDP 127.0.0.1:1884, no uplink.
     pub fn embedded() -> Self {
         let mut c: Config = match toml::from_str("") {
             Ok(c) => c,
@@ -207,10 +251,16 @@ impl Config {
 
     fn fill_defaults(&mut self) {
         if self.listeners.is_empty() {
-            self.listeners.push(Listener {
-                kind: ListenerKind::Mqtt,
-                bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
-            });
+            for (kind, port) in [(ListenerKind::Mqtt, 1883), (ListenerKind::MqttSn, 1884)] {
+                self.listeners.push(Listener {
+                    kind,
+                    bind: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+                    device: None,
+                    baud: None,
+                    crc: None,
+                    qos_minus_one: None,
+                });
+            }
         }
     }
 
@@ -230,9 +280,56 @@ impl Config {
         if l.connect_timeout.0.is_zero() {
             return Err(at("connect_timeout", "must be more than 0s".into()));
         }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let kind = match l.kind {
+                ListenerKind::Mqtt => "\"mqtt\"",
+                ListenerKind::MqttSn => "\"mqtt-sn\"",
+                ListenerKind::MqttSnSerial => "\"mqtt-sn-serial\"",
+            };
+            let pos = text.match_indices(kind).nth(
+                self.listeners[..i]
+                    .iter()
+                    .filter(|o| o.kind == l.kind)
+                    .count(),
+            );
+            let here = |msg: &str| invalid(path, text, pos.map_or(0, |(p, _)| p), msg.into());
+            match l.kind {
+                ListenerKind::Mqtt | ListenerKind::MqttSn => {
+                    if l.bind.is_none() {
+                        return Err(here("this listener needs `bind`"));
+                    }
+                    if l.device.is_some()
+                        || l.baud.is_some()
+                        || l.crc.is_some()
+                        || l.qos_minus_one.is_some()
+                    {
+                        return Err(here(
+                            "`device`, `baud`, `crc` and `qos_minus_one` are for mqtt-sn-serial",
+                        ));
+                    }
+                }
+                ListenerKind::MqttSnSerial => {
+                    if l.device.is_none() || l.bind.is_some() {
+                        return Err(here("mqtt-sn-serial needs `device` (and no `bind`)"));
+                    }
+                    if l.baud == Some(0) {
+                        return Err(here("`baud` must be above 0"));
+                    }
+                }
+            }
+        }
+        if let Some((key, msg)) = self.mqttsn.problems() {
+            let pos = text
+                .find("[mqttsn]")
+                .and_then(|s| text[s..].find(key).map(|k| s + k))
+                .unwrap_or(0);
+            return Err(invalid(path, text, pos, msg));
+        }
         for (i, a) in self.listeners.iter().enumerate() {
-            if a.bind.port() != 0 && self.listeners[..i].iter().any(|b| b.bind == a.bind) {
-                let addr = a.bind.to_string();
+            let Some(bind) = a.bind else { continue };
+            let same = |b: &Listener| b.bind == Some(bind) && b.tcp() == a.tcp();
+            if bind.port() != 0 && self.listeners[..i].iter().any(same) {
+                let addr = bind.to_string();
                 let pos = text.match_indices(&addr).nth(1).map_or(0, |(p, _)| p);
                 return Err(invalid(
                     path,
@@ -336,8 +433,10 @@ mod tests {
     #[test]
     fn embedded_defaults() {
         let c = Config::embedded();
-        assert_eq!(c.listeners.len(), 1);
-        assert_eq!(c.listeners[0].bind, "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[0].bind, Some("127.0.0.1:1883".parse().unwrap()));
+        assert_eq!(c.listeners[1].kind, ListenerKind::MqttSn);
+        assert_eq!(c.listeners[1].bind, Some("127.0.0.1:1884".parse().unwrap()));
         assert_eq!(c.limits.max_inflight.get(), 100);
     }
 
@@ -352,6 +451,23 @@ data_dir = "/var/lib/outpost"
 [[listener]]
 kind = "mqtt"
 bind = "127.0.0.1:1884"
+
+[[listener]]
+kind = "mqtt-sn"
+bind = "127.0.0.1:1884"
+
+[[listener]]
+kind = "mqtt-sn-serial"
+device = "/dev/ttyAMA0"
+baud = 9600
+
+[mqttsn]
+gateway_id = 7
+predefined = [{ id = 1, topic = "sensors/soil/moisture" }, { id = 1, topic = "x", client = "c1" }]
+qos_minus_one_from = ["192.168.7.0/24"]
+retry = { interval = "5s", count = 2 }
+advertise = { address = "255.255.255.255:1884", interval = "15m" }
+max_clients = 50
 
 [limits]
 max_packet_size = "256KiB"
@@ -375,6 +491,14 @@ when_full = "block"
         assert_eq!(c.store.synchronous, Synchronous::Normal);
         assert_eq!(c.store.when_full, WhenFull::Block);
         assert_eq!(c.store.max_bytes.0, 64 << 20);
+        let sn = &c.mqttsn;
+        assert_eq!((sn.gateway_id, sn.max_clients.get()), (7, 50));
+        assert_eq!(sn.predefined[1].client.as_deref(), Some("c1"));
+        assert!(sn.minus_one_allowed("192.168.7.3".parse().unwrap()));
+        assert!(!sn.minus_one_allowed("192.168.6.3".parse().unwrap()));
+        assert_eq!(sn.retry.interval.0.as_secs(), 5);
+        assert_eq!(sn.advertise.as_ref().map(|a| a.interval.0.as_secs()), Some(900));
+        assert_eq!(c.listeners[2].baud, Some(9600));
     }
 
     fn err(t: &str) -> String {
@@ -403,6 +527,18 @@ when_full = "block"
             e.starts_with("t.toml:2:13: key `when_full`: unknown variant `panic`"),
             "{e}"
         );
+        let e = err("[[listener]]\nkind = \"mqtt-sn\"\n");
+        assert!(e.starts_with("t.toml:2:8:") && e.contains("needs `bind`"), "{e}");
+        let e = err("[[listener]]\nkind = \"mqtt-sn-serial\"\nbaud = 9600\n");
+        assert!(e.contains("needs `device`"), "{e}");
+        let e = err("[mqttsn]\npredefined = [{ id = 0, topic = \"a\" }]\n");
+        assert!(e.starts_with("t.toml:2:1: key `predefined`: id 0 is reserved"), "{e}");
+        let e = err("[mqttsn]\npredefined = [{ id = 3, topic = \"a/#\" }]\n");
+        assert!(e.contains("key `predefined`"), "{e}");
+        let e = err("[mqttsn]\nqos_minus_one_from = [\"10.0.0.0/40\"]\n");
+        assert!(e.contains("key `qos_minus_one_from`") && e.contains("prefix"), "{e}");
+        let e = err("[mqttsn]\nretry = { interval = \"0s\", count = 3 }\n");
+        assert!(e.contains("key `retry`"), "{e}");
         let e = err("this is not toml");
         assert!(e.starts_with("t.toml:1:"), "{e}");
         let e = err(

@@ -70,6 +70,34 @@ pub struct LinkState {
     pub want_ready: AtomicBool,
     /// The hub asked for the connection to end.
     pub close: Notify,
+    /// The same, as a flag, for readers that poll rather than wait (the MQTT-SN gateway).
+    pub closing: AtomicBool,
+}
+
+/// Many links read by one task (the MQTT-SN gateway's): which of them have news, and a
+/// notification that some do. The set holds each connection once, so it is bounded by the
+/// number of links.
+#[derive(Debug, Default)]
+pub struct Wake {
+    dirty: std::sync::Mutex<std::collections::HashSet<ConnId>>,
+    pub notify: Notify,
+}
+
+impl Wake {
+    pub fn mark(&self, conn: ConnId) {
+        if let Ok(mut d) = self.dirty.lock() {
+            d.insert(conn);
+        }
+        self.notify.notify_one();
+    }
+
+    /// The connections marked since the last call.
+    pub fn take(&self) -> Vec<ConnId> {
+        match self.dirty.lock() {
+            Ok(mut d) => d.drain().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 /// The hub's handle on one connection.
@@ -77,6 +105,16 @@ pub struct LinkState {
 pub struct Link {
     pub tx: mpsc::Sender<LinkItem>,
     pub state: Arc<LinkState>,
+    /// Set when one task reads many links and must be told which one to look at.
+    pub wake: Option<Arc<Wake>>,
+}
+
+impl Link {
+    fn woken(&self, conn: ConnId) {
+        if let Some(w) = &self.wake {
+            w.mark(conn);
+        }
+    }
 }
 
 /// What the hub task receives.
@@ -113,7 +151,11 @@ impl Outlet for Links {
             return Ok(());
         };
         let item = match link.tx.try_send(LinkItem::Packet(packet)) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+            Ok(()) => {
+                link.woken(conn);
+                return Ok(());
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
             Err(mpsc::error::TrySendError::Full(item)) => item,
         };
         link.state.want_ready.store(true, Ordering::SeqCst);
@@ -121,7 +163,11 @@ impl Outlet for Links {
         // is room now and no batch left to make it look at the flag, so try once more.
         if link.tx.capacity() > 0 {
             match link.tx.try_send(item) {
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                Ok(()) => {
+                    link.woken(conn);
+                    return Ok(());
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
                 Err(mpsc::error::TrySendError::Full(i)) => return Err(unwrap_packet(i)),
             }
         }
@@ -133,7 +179,9 @@ impl Outlet for Links {
             if let Some(p) = last {
                 let _ = link.tx.try_send(LinkItem::Packet(p));
             }
+            link.state.closing.store(true, Ordering::SeqCst);
             link.state.close.notify_one();
+            link.woken(conn);
         }
     }
 

@@ -3,6 +3,8 @@
 //!
 //! - `hub_task`: the tokio task that owns the `Hub`, and the bounded links to connections.
 //! - `mqtt_listener`: TCP accept loop and one task per MQTT connection.
+//! - `mqttsn`: the MQTT-SN gateway's driver over any datagram transport; `mqttsn_udp` and
+//!   `mqttsn_serial` are the transports.
 //! - `store_link`: the hub's `Durable` over the SQLite store, and commit completions.
 //! - `uplink`: the connection to the cloud broker, driving `proto::mqtt::client`.
 //! - `tls`: rustls client setup for the uplink.
@@ -10,6 +12,9 @@
 
 pub mod hub_task;
 pub mod mqtt_listener;
+pub mod mqttsn;
+pub mod mqttsn_serial;
+pub mod mqttsn_udp;
 pub mod store_link;
 pub mod tls;
 pub mod uplink;

@@ -87,6 +87,7 @@ async fn connection(
     let link = Link {
         tx,
         state: state.clone(),
+        wake: None,
     };
     let attached = std::sync::atomic::AtomicBool::new(false);
     let mut reader = Box::pin(read_loop(&mut rd, peer, conn, &shared, link, &attached));

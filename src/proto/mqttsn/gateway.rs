@@ -255,10 +255,11 @@ impl<A> Client<A> {
         loop {
             self.next_topic = self.next_topic.wrapping_add(1);
             // 0x0000 and 0xFFFF are reserved [5.3.11].
-            if self.next_topic != 0 && self.next_topic != 0xFFFF {
-                if !self.by_id.contains_key(&self.next_topic) {
-                    break;
-                }
+            if self.next_topic != 0
+                && self.next_topic != 0xFFFF
+                && !self.by_id.contains_key(&self.next_topic)
+            {
+                break;
             }
         }
         self.by_id.insert(self.next_topic, name.to_owned());
@@ -497,8 +498,12 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
             self.stats.unknown_client += 1;
             tracing::debug!(?peer, msg = msg.name(), "message from an unconnected address");
             // Tell it to connect again (after a gateway restart, say), unless it is saying
-            // goodbye or pinging.
-            if !matches!(msg, Message::Disconnect { .. } | Message::PingReq { .. }) {
+            // goodbye or is a stranger's keep-alive ping. A sleeping client waking with its
+            // client id is told too: we no longer know it.
+            if !matches!(
+                msg,
+                Message::Disconnect { .. } | Message::PingReq { client_id: None }
+            ) {
                 self.send(&peer, Message::Disconnect { duration: None });
             }
             return;
@@ -1347,6 +1352,18 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
         }
         if popped {
             self.out.push_back(Output::Pull(conn));
+        }
+    }
+
+    /// Ends every client: the gateway is stopping. Each is told (DISCONNECT) and its hub
+    /// connection closes as one the server closed.
+    pub fn shutdown(&mut self) {
+        let conns: Vec<ConnId> = self.clients.keys().copied().collect();
+        for conn in conns {
+            if let Some(peer) = self.clients.get(&conn).map(|c| c.peer.clone()) {
+                self.send(&peer, Message::Disconnect { duration: None });
+            }
+            self.end(conn, CloseReason::ServerClosed);
         }
     }
 

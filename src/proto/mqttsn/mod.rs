@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod gateway;
+pub mod serial;
 
 #[cfg(test)]
 mod tests;
