@@ -6,13 +6,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::{free_port, Mode, Mosquitto, Proxy};
-use common::rq::{client, drain, publish_until_killed, register, tally};
+use common::rq::{client, drain, publish_until_killed, register, tally, wait_suback, Cloud};
 use common::Outpost;
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use tokio::time::timeout;
 
 const RULES: &str = r#"
@@ -53,78 +53,6 @@ fn uplink(rules: &Path, port: u16, keepalive: &str, more: &str) -> String {
          backoff = {{ min = \"100ms\", max = \"1s\" }}\nrules_dir = \"{}\"\n{more}",
         rules.display()
     )
-}
-
-/// A cloud-side subscriber that records every payload it receives, in order.
-struct Cloud {
-    got: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-    _client: AsyncClient,
-}
-
-impl Cloud {
-    async fn subscribe(port: u16, filter: &str) -> Cloud {
-        let (c, mut ev) = client(port, "cloud-app", true);
-        c.subscribe(filter, QoS::ExactlyOnce).await.unwrap();
-        wait_suback(&mut ev).await;
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let sink = got.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => sink
-                        .lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&p.payload).into_owned()),
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        Cloud {
-            got,
-            task,
-            _client: c,
-        }
-    }
-
-    fn count(&self) -> usize {
-        self.got.lock().unwrap().len()
-    }
-
-    fn payloads(&self) -> Vec<String> {
-        self.got.lock().unwrap().clone()
-    }
-
-    /// Waits until `done` holds for what arrived, or `limit` passes.
-    async fn wait(&self, limit: Duration, done: impl Fn(&[String]) -> bool) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < limit {
-            if done(&self.got.lock().unwrap()) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        false
-    }
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn wait_suback(ev: &mut EventLoop) {
-    timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(Event::Incoming(Packet::SubAck(_))) = ev.poll().await {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("SUBACK");
 }
 
 /// Publishes `n` QoS 1 messages with payloads `first..first+n` and waits for every PUBACK.

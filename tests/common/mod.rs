@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 pub struct Outpost {
     pub child: Child,
     pub port: u16,
+    /// The UDP port of the first `mqtt-sn` listener, once it has logged it.
+    sn_port: Arc<Mutex<Option<u16>>>,
     pub dir: tempfile::TempDir,
     pub log: Arc<Mutex<String>>,
 }
@@ -78,6 +80,8 @@ impl Outpost {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
+        let sn_port = Arc::new(Mutex::new(None));
+        let sn = sn_port.clone();
         std::thread::spawn(move || {
             // Keep draining stderr so the child never blocks on a full pipe.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -87,6 +91,12 @@ impl Outpost {
                 {
                     let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
                     let _ = tx.send(port.parse::<u16>().unwrap_or(0));
+                }
+                if let Some(rest) = line.split("gateway on UDP 127.0.0.1:").nth(1) {
+                    let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                    if let Ok(mut p) = sn.lock() {
+                        p.get_or_insert(port.parse::<u16>().unwrap_or(0));
+                    }
                 }
                 if let Ok(mut l) = sink.lock() {
                     l.push_str(&line);
@@ -100,9 +110,22 @@ impl Outpost {
         Outpost {
             child,
             port,
+            sn_port,
             dir,
             log,
         }
+    }
+
+    /// The MQTT-SN UDP port (the config must have an `mqtt-sn` listener).
+    pub fn sn_port(&self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(p) = *self.sn_port.lock().unwrap() {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no MQTT-SN listener came up; log:\n{}", self.log());
     }
 
     /// SIGKILL, as a power cut or a crash would; returns the data directory for a restart.

@@ -1,8 +1,10 @@
 //! rumqttc helpers shared by the crash tests: persistent sessions, draining them, and a
-//! publisher that records which messages were acknowledged until its broker dies.
+//! publisher that records which messages were acknowledged until its broker dies, and a
+//! cloud-side subscriber.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::time::timeout;
@@ -163,3 +165,76 @@ pub fn tally(acked: &BTreeMap<u64, QoS>, payloads: &[String]) -> Tally {
         unacked_delivered: seen.keys().filter(|s| !acked.contains_key(s)).count(),
     }
 }
+
+/// A cloud-side subscriber that records every payload it receives, in order.
+pub struct Cloud {
+    got: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+    _client: AsyncClient,
+}
+
+impl Cloud {
+    pub async fn subscribe(port: u16, filter: &str) -> Cloud {
+        let (c, mut ev) = client(port, "cloud-app", true);
+        c.subscribe(filter, QoS::ExactlyOnce).await.unwrap();
+        wait_suback(&mut ev).await;
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => sink
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&p.payload).into_owned()),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Cloud {
+            got,
+            task,
+            _client: c,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    pub fn payloads(&self) -> Vec<String> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for what arrived, or `limit` passes.
+    pub async fn wait(&self, limit: Duration, done: impl Fn(&[String]) -> bool) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if done(&self.got.lock().unwrap()) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn wait_suback(ev: &mut EventLoop) {
+    timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(_))) = ev.poll().await {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("SUBACK");
+}
+
