@@ -20,10 +20,10 @@ use crate::io::mqtt_listener::{self, ListenerShared};
 use crate::io::mqttsn;
 use crate::io::mqttsn_serial::Serial;
 use crate::io::mqttsn_udp::Udp;
-use crate::proto::mqttsn::gateway::{Gateway, GatewayConfig, Predefined};
 use crate::io::store_link::{StoreLink, COMMITS_QUEUE};
 use crate::io::uplink::{self, UplinkSetup};
 use crate::proto::mqtt::server::ServerLimits;
+use crate::proto::mqttsn::gateway::{Gateway, GatewayConfig, Predefined};
 use crate::store::{self, Store, StoreConfig, StoreError};
 use crate::systemd;
 
@@ -236,13 +236,13 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     for (index, l) in config.listeners.iter().enumerate() {
         match l.kind {
             ListenerKind::MqttSn => {
-                let udp = Udp::bind(l.addr(), sn_cfg.clone()).await.map_err(|source| {
-                    ServerError::Bind {
+                let udp = Udp::bind(l.addr(), sn_cfg.clone())
+                    .await
+                    .map_err(|source| ServerError::Bind {
                         kind: "mqtt-sn",
                         addr: l.addr(),
                         source,
-                    }
-                })?;
+                    })?;
                 let addr = udp.local_addr().unwrap_or(l.addr());
                 tracing::info!(kind = "mqtt-sn", %addr, "MQTT-SN 1.2 gateway on UDP {addr}");
                 let gw = Gateway::new(std::time::Instant::now(), gateway_config(&config, index));

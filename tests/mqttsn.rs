@@ -64,7 +64,9 @@ impl Sensor {
             topic: topic.into(),
         });
         match self.recv() {
-            Message::RegAck { topic_id, rc: 0, .. } => topic_id,
+            Message::RegAck {
+                topic_id, rc: 0, ..
+            } => topic_id,
             other => panic!("REGACK expected, got {other:?}"),
         }
     }
@@ -104,7 +106,11 @@ async fn qos1_published_while_uplink_down_reaches_cloud_after_crash_and_return()
                 data: Bytes::from(i.to_string()),
             });
             match s.recv() {
-                Message::PubAck { msg_id, rc: 0, topic_id } => {
+                Message::PubAck {
+                    msg_id,
+                    rc: 0,
+                    topic_id,
+                } => {
                     assert_eq!(msg_id, i);
                     assert_eq!(topic_id, topic.to_be_bytes());
                 }
@@ -113,7 +119,11 @@ async fn qos1_published_while_uplink_down_reaches_cloud_after_crash_and_return()
         }
     });
     sensor.await.unwrap();
-    assert_eq!(cloud.count(), 0, "the link is down: nothing reached the cloud yet");
+    assert_eq!(
+        cloud.count(),
+        0,
+        "the link is down: nothing reached the cloud yet"
+    );
 
     // Every PUBACK meant "on disk": a power cut now loses none of them.
     let dir = o.crash();

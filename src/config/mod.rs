@@ -497,7 +497,10 @@ when_full = "block"
         assert!(sn.minus_one_allowed("192.168.7.3".parse().unwrap()));
         assert!(!sn.minus_one_allowed("192.168.6.3".parse().unwrap()));
         assert_eq!(sn.retry.interval.0.as_secs(), 5);
-        assert_eq!(sn.advertise.as_ref().map(|a| a.interval.0.as_secs()), Some(900));
+        assert_eq!(
+            sn.advertise.as_ref().map(|a| a.interval.0.as_secs()),
+            Some(900)
+        );
         assert_eq!(c.listeners[2].baud, Some(9600));
     }
 
@@ -528,15 +531,24 @@ when_full = "block"
             "{e}"
         );
         let e = err("[[listener]]\nkind = \"mqtt-sn\"\n");
-        assert!(e.starts_with("t.toml:2:8:") && e.contains("needs `bind`"), "{e}");
+        assert!(
+            e.starts_with("t.toml:2:8:") && e.contains("needs `bind`"),
+            "{e}"
+        );
         let e = err("[[listener]]\nkind = \"mqtt-sn-serial\"\nbaud = 9600\n");
         assert!(e.contains("needs `device`"), "{e}");
         let e = err("[mqttsn]\npredefined = [{ id = 0, topic = \"a\" }]\n");
-        assert!(e.starts_with("t.toml:2:1: key `predefined`: id 0 is reserved"), "{e}");
+        assert!(
+            e.starts_with("t.toml:2:1: key `predefined`: id 0 is reserved"),
+            "{e}"
+        );
         let e = err("[mqttsn]\npredefined = [{ id = 3, topic = \"a/#\" }]\n");
         assert!(e.contains("key `predefined`"), "{e}");
         let e = err("[mqttsn]\nqos_minus_one_from = [\"10.0.0.0/40\"]\n");
-        assert!(e.contains("key `qos_minus_one_from`") && e.contains("prefix"), "{e}");
+        assert!(
+            e.contains("key `qos_minus_one_from`") && e.contains("prefix"),
+            "{e}"
+        );
         let e = err("[mqttsn]\nretry = { interval = \"0s\", count = 3 }\n");
         assert!(e.contains("key `retry`"), "{e}");
         let e = err("this is not toml");

@@ -117,10 +117,7 @@ pub enum HubInput {
     /// answered with `Outlet::uplink_ack` once their effects commit.
     Uplink(Publish),
     /// A new will for a connected client (MQTT-SN WILLTOPICUPD/WILLMSGUPD); `None` removes it.
-    SetWill {
-        conn: ConnId,
-        will: Option<Will>,
-    },
+    SetWill { conn: ConnId, will: Option<Will> },
     /// A publish that arrived without a connection (MQTT-SN QoS -1): routed at QoS 0.
     Unconnected(Publish),
     /// A message outpost publishes itself ($SYS): QoS 0, local only.
@@ -481,7 +478,11 @@ impl Hub {
     /// Replaces a connected session's will; a stored session's row follows, so the will a
     /// restart publishes is the latest one.
     fn on_set_will(&mut self, conn: ConnId, will: Option<Will>) {
-        let Some(s) = self.conns.get(&conn).and_then(|id| self.sessions.get_mut(id)) else {
+        let Some(s) = self
+            .conns
+            .get(&conn)
+            .and_then(|id| self.sessions.get_mut(id))
+        else {
             return;
         };
         s.will = will;

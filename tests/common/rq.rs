@@ -237,4 +237,3 @@ pub async fn wait_suback(ev: &mut EventLoop) {
     .await
     .expect("SUBACK");
 }
-

@@ -287,7 +287,11 @@ fn find_predefined_by_name(p: &[Predefined], client: &str, name: &str) -> Option
         .map(|p| p.id)
 }
 
-fn find_predefined_by_id<'a>(p: &'a [Predefined], client: Option<&str>, id: u16) -> Option<&'a str> {
+fn find_predefined_by_id<'a>(
+    p: &'a [Predefined],
+    client: Option<&str>,
+    id: u16,
+) -> Option<&'a str> {
     p.iter()
         .filter(|p| p.id == id)
         .filter(|p| match (&p.client, client) {
@@ -478,10 +482,7 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                 client_id,
             } => return self.on_connect(now, peer, flags, duration, client_id),
             Message::Publish {
-                flags,
-                topic,
-                data,
-                ..
+                flags, topic, data, ..
             } if flags.qos == SnQos::MinusOne => {
                 return self.on_minus_one(peer, flags, topic, data, minus_one)
             }
@@ -496,7 +497,11 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
         }
         let Some(&conn) = self.by_peer.get(&peer) else {
             self.stats.unknown_client += 1;
-            tracing::debug!(?peer, msg = msg.name(), "message from an unconnected address");
+            tracing::debug!(
+                ?peer,
+                msg = msg.name(),
+                "message from an unconnected address"
+            );
             // Tell it to connect again (after a gateway restart, say), unless it is saying
             // goodbye or is a stranger's keep-alive ping. A sleeping client waking with its
             // client id is told too: we no longer know it.
@@ -522,10 +527,9 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
         if let Some(&conn) = self.by_client_id.get(&id) {
             let resumable = !flags.clean_session
                 && !flags.will
-                && self
-                    .clients
-                    .get(&conn)
-                    .is_some_and(|c| matches!(c.state, State::Active | State::Asleep | State::Awake));
+                && self.clients.get(&conn).is_some_and(|c| {
+                    matches!(c.state, State::Active | State::Asleep | State::Awake)
+                });
             if resumable {
                 self.move_peer(conn, peer.clone());
                 if let Some(c) = self.clients.get_mut(&conn) {
@@ -544,10 +548,13 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
             }
             // Otherwise the old connection ends normally (the client is evidently alive, so no
             // will) and a new one starts; the hub keeps a persistent session for it.
-            self.end(conn, CloseReason::Disconnect {
-                with_will: false,
-                session_expiry: None,
-            });
+            self.end(
+                conn,
+                CloseReason::Disconnect {
+                    with_will: false,
+                    session_expiry: None,
+                },
+            );
         }
         if let Some(&old) = self.by_peer.get(&peer) {
             // A new client id from an address that had another: that one is gone.
@@ -718,7 +725,14 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
         self.arm(conn);
     }
 
-    fn on_minus_one(&mut self, peer: Peer<A>, flags: Flags, topic: TopicRef, data: Bytes, ok: bool) {
+    fn on_minus_one(
+        &mut self,
+        peer: Peer<A>,
+        flags: Flags,
+        topic: TopicRef,
+        data: Bytes,
+        ok: bool,
+    ) {
         let name = match &topic {
             TopicRef::Predefined(id) => {
                 find_predefined_by_id(&self.predefined, None, *id).map(str::to_owned)
@@ -756,7 +770,12 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                     self.send(&peer, Message::WillMsgReq);
                 }
                 Some(_) => {
-                    self.send(&peer, Message::ConnAck { rc: rc::NOT_SUPPORTED });
+                    self.send(
+                        &peer,
+                        Message::ConnAck {
+                            rc: rc::NOT_SUPPORTED,
+                        },
+                    );
                     self.end(conn, CloseReason::ConnectionLost);
                 }
                 // The empty WILLTOPIC: no will after all.
@@ -814,9 +833,15 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                     },
                 );
             }
-            Message::RegAck { msg_id, rc: code, .. } => {
+            Message::RegAck {
+                msg_id, rc: code, ..
+            } => {
                 let Some(Outstanding {
-                    what: Awaiting::Register { msg_id: m, topic_id },
+                    what:
+                        Awaiting::Register {
+                            msg_id: m,
+                            topic_id,
+                        },
                     ..
                 }) = c.awaiting
                 else {
@@ -893,7 +918,9 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                     }),
                 });
             }
-            Message::PubAck { msg_id, rc: code, .. } => {
+            Message::PubAck {
+                msg_id, rc: code, ..
+            } => {
                 let Some(Awaiting::Publish {
                     msg_id: m,
                     qos: QoS::AtLeastOnce,
@@ -1135,9 +1162,12 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                     },
                 );
             }
-            Packet::PubRec(a) if a.reason < 0x80 => {
-                self.send(&peer, Message::PubRec { msg_id: a.packet_id })
-            }
+            Packet::PubRec(a) if a.reason < 0x80 => self.send(
+                &peer,
+                Message::PubRec {
+                    msg_id: a.packet_id,
+                },
+            ),
             // MQTT-SN has no negative PUBREC: answer as PUBACK does.
             Packet::PubRec(a) => self.send(
                 &peer,
@@ -1147,7 +1177,12 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                     rc: sn_rc(a.reason),
                 },
             ),
-            Packet::PubComp(a) => self.send(&peer, Message::PubComp { msg_id: a.packet_id }),
+            Packet::PubComp(a) => self.send(
+                &peer,
+                Message::PubComp {
+                    msg_id: a.packet_id,
+                },
+            ),
             Packet::PubRel(a) => {
                 let promote = matches!(c.awaiting.as_ref().map(|o| &o.what), Some(Awaiting::HubRel { msg_id }) if *msg_id == a.packet_id);
                 if promote {
@@ -1180,7 +1215,12 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                     },
                 );
             }
-            Packet::UnsubAck(a) => self.send(&peer, Message::UnsubAck { msg_id: a.packet_id }),
+            Packet::UnsubAck(a) => self.send(
+                &peer,
+                Message::UnsubAck {
+                    msg_id: a.packet_id,
+                },
+            ),
             Packet::Publish(_) | Packet::PingResp => c.out.push_back(packet),
             Packet::Disconnect(_) => {
                 // The hub ends the connection (takeover by an MQTT client, shutdown).
@@ -1189,7 +1229,10 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                 return;
             }
             other => {
-                tracing::debug!(packet = other.name(), "hub packet with no MQTT-SN form ignored")
+                tracing::debug!(
+                    packet = other.name(),
+                    "hub packet with no MQTT-SN form ignored"
+                )
             }
         }
         self.flush(now, conn);

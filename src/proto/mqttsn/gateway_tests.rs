@@ -290,15 +290,21 @@ impl Rig {
                         } else {
                             Packet::PubRec(ack)
                         };
-                        self.hub
-                            .handle(self.now, HubInput::Packet { conn: MQTT, packet }, &mut self.links);
+                        self.hub.handle(
+                            self.now,
+                            HubInput::Packet { conn: MQTT, packet },
+                            &mut self.links,
+                        );
                     }
                     got.push((p.topic, p.payload.to_vec(), p.qos));
                 }
                 Packet::PubRel(a) => {
                     let packet = Packet::PubComp(a);
-                    self.hub
-                        .handle(self.now, HubInput::Packet { conn: MQTT, packet }, &mut self.links);
+                    self.hub.handle(
+                        self.now,
+                        HubInput::Packet { conn: MQTT, packet },
+                        &mut self.links,
+                    );
                 }
                 _ => {}
             }
@@ -320,7 +326,12 @@ impl Rig {
             conn: MQTT,
             packet: Packet::Publish(p),
         });
-        self.links.mqtt.retain(|p| !matches!(p, Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)));
+        self.links.mqtt.retain(|p| {
+            !matches!(
+                p,
+                Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)
+            )
+        });
     }
 
     fn connected(&mut self, addr: u32, id: &str, clean: bool, keep_alive: u16) {
@@ -413,7 +424,10 @@ fn short_and_predefined_topics_and_puback_byte_order() {
             rc: rc::ACCEPTED
         }
     );
-    r.dgram(10, publish(TopicRef::Predefined(0x0102), SnQos::One, 2, b"p"));
+    r.dgram(
+        10,
+        publish(TopicRef::Predefined(0x0102), SnQos::One, 2, b"p"),
+    );
     assert_eq!(
         r.one(10),
         Message::PubAck {
@@ -428,7 +442,11 @@ fn short_and_predefined_topics_and_puback_byte_order() {
         r.mqtt_got(),
         vec![
             ("ab".into(), b"s".to_vec(), QoS::AtLeastOnce),
-            ("sensors/soil/moisture".into(), b"p".to_vec(), QoS::AtLeastOnce),
+            (
+                "sensors/soil/moisture".into(),
+                b"p".to_vec(),
+                QoS::AtLeastOnce
+            ),
             ("only/for/a".into(), b"own".to_vec(), QoS::AtMostOnce),
         ]
     );
@@ -483,10 +501,16 @@ fn empty_willtopic_at_connect_means_no_will() {
 fn will_updates_replace_and_delete_the_will() {
     let mut r = rig();
     r.dgram(10, connect("a", true, true, 10));
-    r.dgram(10, Message::WillTopic(Some((flags(SnQos::Zero), "w/old".into()))));
+    r.dgram(
+        10,
+        Message::WillTopic(Some((flags(SnQos::Zero), "w/old".into()))),
+    );
     r.dgram(10, Message::WillMsg(Bytes::from_static(b"old")));
     r.take(10);
-    r.dgram(10, Message::WillTopicUpd(Some((flags(SnQos::One), "w/new".into()))));
+    r.dgram(
+        10,
+        Message::WillTopicUpd(Some((flags(SnQos::One), "w/new".into()))),
+    );
     assert_eq!(r.one(10), Message::WillTopicResp { rc: rc::ACCEPTED });
     r.dgram(10, Message::WillMsgUpd(Bytes::from_static(b"new")));
     assert_eq!(r.one(10), Message::WillMsgResp { rc: rc::ACCEPTED });
@@ -498,7 +522,10 @@ fn will_updates_replace_and_delete_the_will() {
 
     // A client that deletes its will with an empty WILLTOPICUPD leaves nothing behind.
     r.dgram(11, connect("b", true, true, 10));
-    r.dgram(11, Message::WillTopic(Some((flags(SnQos::Zero), "w/b".into()))));
+    r.dgram(
+        11,
+        Message::WillTopic(Some((flags(SnQos::Zero), "w/b".into()))),
+    );
     r.dgram(11, Message::WillMsg(Bytes::from_static(b"b")));
     r.take(11);
     r.dgram(11, Message::WillTopicUpd(None));
@@ -511,7 +538,10 @@ fn will_updates_replace_and_delete_the_will() {
 fn disconnect_without_duration_ends_without_will() {
     let mut r = rig();
     r.dgram(10, connect("a", true, true, 10));
-    r.dgram(10, Message::WillTopic(Some((flags(SnQos::Zero), "w".into()))));
+    r.dgram(
+        10,
+        Message::WillTopic(Some((flags(SnQos::Zero), "w".into()))),
+    );
     r.dgram(10, Message::WillMsg(Bytes::from_static(b"x")));
     r.take(10);
     r.dgram(10, Message::Disconnect { duration: None });
@@ -547,15 +577,31 @@ fn qos2_inbound_duplicate_is_delivered_once() {
 fn qos_minus_one_only_from_allowed_sources() {
     let mut r = rig();
     // Addresses >= 100 are on the allow list in this rig.
-    r.dgram(100, publish(TopicRef::Predefined(0x0102), SnQos::MinusOne, 0, b"m1"));
-    r.dgram(101, publish(TopicRef::Short(*b"xy"), SnQos::MinusOne, 0, b"m2"));
-    r.dgram(5, publish(TopicRef::Short(*b"xy"), SnQos::MinusOne, 0, b"refused"));
+    r.dgram(
+        100,
+        publish(TopicRef::Predefined(0x0102), SnQos::MinusOne, 0, b"m1"),
+    );
+    r.dgram(
+        101,
+        publish(TopicRef::Short(*b"xy"), SnQos::MinusOne, 0, b"m2"),
+    );
+    r.dgram(
+        5,
+        publish(TopicRef::Short(*b"xy"), SnQos::MinusOne, 0, b"refused"),
+    );
     // A client's own predefined id is not usable without a connection.
-    r.dgram(100, publish(TopicRef::Predefined(7), SnQos::MinusOne, 0, b"refused"));
+    r.dgram(
+        100,
+        publish(TopicRef::Predefined(7), SnQos::MinusOne, 0, b"refused"),
+    );
     assert_eq!(
         r.mqtt_got(),
         vec![
-            ("sensors/soil/moisture".into(), b"m1".to_vec(), QoS::AtMostOnce),
+            (
+                "sensors/soil/moisture".into(),
+                b"m1".to_vec(),
+                QoS::AtMostOnce
+            ),
             ("xy".into(), b"m2".to_vec(), QoS::AtMostOnce),
         ]
     );
@@ -634,15 +680,25 @@ fn subscribe_plain_short_and_predefined() {
     assert_ne!(topic_id, 0, "a plain name gets its id in SUBACK");
     assert!(matches!(
         r.subscribe(10, TopicRef::Short(*b"zz"), SnQos::Zero, 2),
-        Message::SubAck { rc: rc::ACCEPTED, .. }
+        Message::SubAck {
+            rc: rc::ACCEPTED,
+            ..
+        }
     ));
     assert!(matches!(
         r.subscribe(10, TopicRef::Predefined(0x0102), SnQos::Zero, 3),
-        Message::SubAck { topic_id: 0x0102, rc: rc::ACCEPTED, .. }
+        Message::SubAck {
+            topic_id: 0x0102,
+            rc: rc::ACCEPTED,
+            ..
+        }
     ));
     assert!(matches!(
         r.subscribe(10, TopicRef::Predefined(999), SnQos::Zero, 4),
-        Message::SubAck { rc: rc::INVALID_TOPIC_ID, .. }
+        Message::SubAck {
+            rc: rc::INVALID_TOPIC_ID,
+            ..
+        }
     ));
     r.mqtt_publish("plain/topic", "1", QoS::AtMostOnce, 0);
     r.mqtt_publish("zz", "2", QoS::AtMostOnce, 0);
@@ -700,7 +756,10 @@ fn qos2_outbound_full_exchange() {
 fn unacknowledged_publish_is_retransmitted_then_client_lost_and_will_sent() {
     let mut r = rig();
     r.dgram(10, connect("a", true, true, 600));
-    r.dgram(10, Message::WillTopic(Some((flags(SnQos::Zero), "w/a".into()))));
+    r.dgram(
+        10,
+        Message::WillTopic(Some((flags(SnQos::Zero), "w/a".into()))),
+    );
     r.dgram(10, Message::WillMsg(Bytes::from_static(b"lost")));
     r.take(10);
     r.subscribe(10, TopicRef::Short(*b"cm"), SnQos::One, 1);
@@ -732,12 +791,22 @@ fn unanswered_register_is_retransmitted() {
     r.connected(10, "a", true, 600);
     r.subscribe(10, TopicRef::Name("r/#".into()), SnQos::Zero, 1);
     r.mqtt_publish("r/1", "x", QoS::AtMostOnce, 0);
-    let Message::Register { msg_id, topic_id, .. } = r.one(10) else {
+    let Message::Register {
+        msg_id, topic_id, ..
+    } = r.one(10)
+    else {
         panic!("REGISTER expected");
     };
     r.advance(Duration::from_secs(10));
     assert!(matches!(r.one(10), Message::Register { msg_id: m, .. } if m == msg_id));
-    r.dgram(10, Message::RegAck { topic_id, msg_id, rc: rc::ACCEPTED });
+    r.dgram(
+        10,
+        Message::RegAck {
+            topic_id,
+            msg_id,
+            rc: rc::ACCEPTED,
+        },
+    );
     assert!(matches!(r.one(10), Message::Publish { .. }));
 }
 
@@ -749,7 +818,9 @@ fn answer_until_pingresp(r: &mut Rig, addr: u32) -> Vec<Vec<u8>> {
         assert!(!batch.is_empty(), "the gateway went quiet before PINGRESP");
         for m in batch {
             match m {
-                Message::Register { topic_id, msg_id, .. } => r.dgram(
+                Message::Register {
+                    topic_id, msg_id, ..
+                } => r.dgram(
                     addr,
                     Message::RegAck {
                         topic_id,
@@ -788,11 +859,21 @@ fn sleeping_client_gets_its_buffer_on_wake_then_pingresp() {
     let mut r = rig();
     r.connected(10, "s", false, 60);
     r.subscribe(10, TopicRef::Name("buf/#".into()), SnQos::One, 1);
-    r.dgram(10, Message::Disconnect { duration: Some(120) });
+    r.dgram(
+        10,
+        Message::Disconnect {
+            duration: Some(120),
+        },
+    );
     assert_eq!(r.one(10), Message::Disconnect { duration: None });
     // While it sleeps: ten QoS 1 and five QoS 0 messages, more than the link and our queue hold.
     for i in 0..10 {
-        r.mqtt_publish(&format!("buf/{}", i % 3), &format!("q1-{i}"), QoS::AtLeastOnce, i + 1);
+        r.mqtt_publish(
+            &format!("buf/{}", i % 3),
+            &format!("q1-{i}"),
+            QoS::AtLeastOnce,
+            i + 1,
+        );
     }
     for i in 0..5 {
         r.mqtt_publish("buf/0", &format!("q0-{i}"), QoS::AtMostOnce, 0);
@@ -835,7 +916,12 @@ fn connect_while_asleep_delivers_the_buffer() {
     let mut r = rig();
     r.connected(10, "s", false, 60);
     r.subscribe(10, TopicRef::Short(*b"bz"), SnQos::One, 1);
-    r.dgram(10, Message::Disconnect { duration: Some(300) });
+    r.dgram(
+        10,
+        Message::Disconnect {
+            duration: Some(300),
+        },
+    );
     r.take(10);
     r.mqtt_publish("bz", "held", QoS::AtLeastOnce, 1);
     assert!(r.take(10).is_empty());
@@ -849,10 +935,18 @@ fn connect_while_asleep_delivers_the_buffer() {
 fn sleep_that_runs_out_loses_the_client_with_its_will() {
     let mut r = rig();
     r.dgram(10, connect("s", true, true, 30));
-    r.dgram(10, Message::WillTopic(Some((flags(SnQos::Zero), "w/s".into()))));
+    r.dgram(
+        10,
+        Message::WillTopic(Some((flags(SnQos::Zero), "w/s".into()))),
+    );
     r.dgram(10, Message::WillMsg(Bytes::from_static(b"slept too long")));
     r.take(10);
-    r.dgram(10, Message::Disconnect { duration: Some(100) });
+    r.dgram(
+        10,
+        Message::Disconnect {
+            duration: Some(100),
+        },
+    );
     r.take(10);
     // The sleep duration, not the keep-alive, applies while asleep.
     r.advance(Duration::from_secs(149));
@@ -883,7 +977,10 @@ fn connect_from_a_new_address_moves_the_session() {
 fn persistent_session_keeps_subscriptions_and_will_across_connects() {
     let mut r = rig();
     r.dgram(10, connect("p", true, false, 10));
-    r.dgram(10, Message::WillTopic(Some((flags(SnQos::Zero), "w/p".into()))));
+    r.dgram(
+        10,
+        Message::WillTopic(Some((flags(SnQos::Zero), "w/p".into()))),
+    );
     r.dgram(10, Message::WillMsg(Bytes::from_static(b"p gone")));
     r.take(10);
     r.subscribe(10, TopicRef::Short(*b"ps"), SnQos::One, 1);
@@ -931,8 +1028,14 @@ fn forwarder_encapsulation_replies_through_the_forwarder() {
     );
     r.take(30);
     assert_eq!(r.gw.clients(), 2);
-    r.dgram(30, wrap(publish(TopicRef::Short(*b"fw"), SnQos::Zero, 0, b"via")));
-    assert_eq!(r.mqtt_got(), vec![("fw".into(), b"via".to_vec(), QoS::AtMostOnce)]);
+    r.dgram(
+        30,
+        wrap(publish(TopicRef::Short(*b"fw"), SnQos::Zero, 0, b"via")),
+    );
+    assert_eq!(
+        r.mqtt_got(),
+        vec![("fw".into(), b"via".to_vec(), QoS::AtMostOnce)]
+    );
 }
 
 #[test]

@@ -209,7 +209,10 @@ mod tests {
         wire.push(END);
         encode_frame(b"\x02\x17", false, &mut wire);
         let got = frames(&mut d, &wire);
-        assert_eq!(got, vec![Err(FrameError::TooLong), Ok(b"\x02\x17".to_vec())]);
+        assert_eq!(
+            got,
+            vec![Err(FrameError::TooLong), Ok(b"\x02\x17".to_vec())]
+        );
     }
 
     proptest! {
