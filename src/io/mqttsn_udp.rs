@@ -8,6 +8,9 @@ use tokio::net::UdpSocket;
 use super::mqttsn::Transport;
 use crate::config::MqttSn;
 
+/// The receive buffer asked of the kernel.
+const RECV_BUFFER: usize = 4 << 20;
+
 /// A bound UDP socket, with the ADVERTISE address and the QoS -1 allow list.
 pub struct Udp {
     socket: UdpSocket,
@@ -18,7 +21,17 @@ pub struct Udp {
 impl Udp {
     /// Binds `addr`. Broadcast is enabled when ADVERTISE is configured.
     pub async fn bind(addr: SocketAddr, cfg: Arc<MqttSn>) -> std::io::Result<Udp> {
-        let socket = UdpSocket::bind(addr).await?;
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        // Many sensors waking at once arrive as one burst; the default buffer (about 200 KiB)
+        // drops datagrams that this one absorbs. The kernel caps it at net.core.rmem_max.
+        let _ = s.set_recv_buffer_size(RECV_BUFFER);
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        let socket = UdpSocket::from_std(s.into())?;
         let advertise = cfg.advertise.as_ref().map(|a| a.address);
         if advertise.is_some() {
             socket.set_broadcast(true)?;
