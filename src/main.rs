@@ -80,6 +80,42 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
     for l in &c.listeners {
         println!("listener:     {:?} on {}", l.kind, l.place());
     }
+    let sn_used = c.listeners.iter().any(|l| {
+        matches!(
+            l.kind,
+            outpost::config::ListenerKind::MqttSn | outpost::config::ListenerKind::MqttSnSerial
+        )
+    });
+    if sn_used {
+        let sn = &c.mqttsn;
+        let nets: Vec<String> = sn
+            .qos_minus_one_from
+            .iter()
+            .map(|n| format!("{}/{}", n.addr, n.prefix))
+            .collect();
+        println!(
+            "mqtt-sn:      gateway_id={} predefined={} qos_minus_one_from=[{}] retry={}x{} advertise={} max_clients={}",
+            sn.gateway_id,
+            sn.predefined.len(),
+            nets.join(", "),
+            sn.retry.count,
+            sn.retry.interval,
+            sn.advertise
+                .as_ref()
+                .map_or("off".to_owned(), |a| format!("{} every {}", a.address, a.interval)),
+            sn.max_clients
+        );
+        for p in &sn.predefined {
+            println!(
+                "  predefined {} = {}{}",
+                p.id,
+                p.topic,
+                p.client
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(" (client {c})"))
+            );
+        }
+    }
     let l = &c.limits;
     println!(
         "limits:       max_connections={} max_packet_size={} max_inflight={} max_queued={} connect_timeout={} max_keepalive={} topic_alias_maximum={}",
