@@ -649,8 +649,8 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
         self.by_peer.remove(&old);
         if let Some(other) = self.by_peer.insert(peer, conn) {
             if other != conn {
-                // Another client was at that address: it is gone.
-                self.by_peer.insert(self.clients[&conn].peer.clone(), conn);
+                // Another client was at that address: it is gone. (`end` leaves the address
+                // to us: it removes only entries that still point at `other`.)
                 self.end(other, CloseReason::ConnectionLost);
             }
         }
