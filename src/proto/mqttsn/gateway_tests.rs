@@ -1148,3 +1148,29 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn waking_onto_another_clients_address_ends_that_client() {
+    let mut r = rig();
+    r.connected(10, "s", false, 60);
+    r.dgram(10, Message::Disconnect { duration: Some(60) });
+    r.take(10);
+    r.connected(11, "x", true, 60);
+    // "s" wakes from the address "x" had: "x" is gone, "s" is served there.
+    r.dgram(
+        11,
+        Message::PingReq {
+            client_id: Some("s".into()),
+        },
+    );
+    assert_eq!(r.one(11), Message::PingResp);
+    assert_eq!(r.gw.clients(), 1);
+    r.dgram(
+        11,
+        publish(TopicRef::Short(*b"ws"), SnQos::Zero, 0, b"from s"),
+    );
+    assert_eq!(
+        r.mqtt_got(),
+        vec![("ws".into(), b"from s".to_vec(), QoS::AtMostOnce)]
+    );
+}
