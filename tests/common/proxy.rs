@@ -177,7 +177,21 @@ impl Mosquitto {
     }
 
     /// With `extra` lines appended to the config (more listeners, TLS files).
+    ///
+    /// The port comes from `free_port`, so another test may take it between our probe and
+    /// mosquitto's bind (a proxy's port-0 listener can get the very number just released). Then
+    /// mosquitto exits, and the probe may have reached the other listener: so the probe must
+    /// also see our child still running, and a lost race starts over on a new port.
     pub fn start_with(extra: &str) -> Mosquitto {
+        for _ in 0..5 {
+            if let Some(m) = Self::try_start(extra) {
+                return m;
+            }
+        }
+        panic!("mosquitto did not start on any of 5 free ports");
+    }
+
+    fn try_start(extra: &str) -> Option<Mosquitto> {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let conf = dir.path().join("m.conf");
@@ -189,7 +203,7 @@ impl Mosquitto {
             ),
         )
         .expect("mosquitto config");
-        let child = Command::new(super::tool("mosquitto"))
+        let mut child = Command::new(super::tool("mosquitto"))
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -197,18 +211,29 @@ impl Mosquitto {
             .spawn()
             .expect("spawn mosquitto");
         let t = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // A bind failure makes mosquitto exit at once; give it that moment.
+                std::thread::sleep(Duration::from_millis(50));
+                if child.try_wait().ok().flatten().is_some() {
+                    return None;
+                }
+                break;
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(10),
                 "mosquitto did not start"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Mosquitto {
+        Some(Mosquitto {
             port,
             child,
             _dir: dir,
-        }
+        })
     }
 }
 
