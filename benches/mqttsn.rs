@@ -18,15 +18,16 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, UdpSocket};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::proxy::Mosquitto;
+use common::sn::SnClient;
 use common::Outpost;
-use outpost::proto::mqttsn::{decode, encode, Flags, Message, SnQos, TopicRef};
+use outpost::proto::mqttsn::{Flags, Message, SnQos, TopicRef};
 
 const TOPIC: &str = "bench/sn/reading";
 const BARRIER: usize = 500;
@@ -48,52 +49,17 @@ fn args() -> (usize, usize, usize) {
 
 // --- MQTT-SN over UDP -----------------------------------------------------------------------
 
-struct Sn(UdpSocket);
-
-impl Sn {
-    fn new(port: u16) -> Sn {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Sn(s)
-    }
-    fn send(&self, m: &Message) {
-        let mut d = Vec::new();
-        encode(m, &mut d);
-        self.0.send(&d).unwrap();
-    }
-    fn recv(&self) -> Message {
-        self.recv_within(Duration::from_secs(10))
-            .expect("a reply from the gateway")
-    }
-    fn recv_within(&self, limit: Duration) -> Option<Message> {
-        self.0.set_read_timeout(Some(limit)).unwrap();
-        let mut b = [0u8; 2048];
-        let n = self.0.recv(&mut b).ok()?;
-        Some(decode(&b[..n]).expect("well-formed reply"))
-    }
-    fn connect(&self, id: &str) {
-        self.send(&Message::Connect {
-            flags: Flags {
-                clean_session: true,
-                ..Flags::default()
-            },
-            duration: 60,
-            client_id: id.into(),
-        });
-        assert_eq!(self.recv(), Message::ConnAck { rc: 0 });
-    }
-    fn publish(&self, topic: u16, qos: SnQos, msg_id: u16, i: usize) {
-        self.send(&Message::Publish {
-            flags: Flags {
-                qos,
-                ..Flags::default()
-            },
-            topic: TopicRef::Id(topic),
-            msg_id,
-            data: Bytes::from(format!("{i:08}")),
-        });
-    }
+/// QoS 0/1 PUBLISH of reading `i` on `topic`.
+fn sn_publish(c: &SnClient, topic: u16, qos: SnQos, msg_id: u16, i: usize) {
+    c.send(&Message::Publish {
+        flags: Flags {
+            qos,
+            ..Flags::default()
+        },
+        topic: TopicRef::Id(topic),
+        msg_id,
+        data: Bytes::from(format!("{i:08}")),
+    });
 }
 
 // --- MQTT 3.1.1 over TCP, hand-built, as lean as the UDP client -----------------------------
@@ -204,26 +170,19 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 fn run_sn(port: u16, mqtt: u16, n: usize, connects: usize, run: usize) -> Figures {
     let mut lat = Vec::with_capacity(connects);
     for i in 0..connects {
-        let c = Sn::new(port);
+        let c = SnClient::new(port);
         let t = Instant::now();
         c.connect(&format!("c{run}-{i}"));
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
         c.send(&Message::Disconnect { duration: None });
         let _ = c.recv();
     }
-    let c = Sn::new(port);
+    let c = SnClient::new(port);
     c.connect(&format!("pub-{run}"));
-    c.send(&Message::Register {
-        topic_id: 0,
-        msg_id: 1,
-        topic: TOPIC.into(),
-    });
-    let Message::RegAck { topic_id, .. } = c.recv() else {
-        panic!("REGACK")
-    };
+    let topic_id = c.register(TOPIC);
     let t = Instant::now();
     for i in 0..n {
-        c.publish(topic_id, SnQos::One, (i % 65_000 + 1) as u16, i);
+        sn_publish(&c, topic_id, SnQos::One, (i % 65_000 + 1) as u16, i);
         assert!(matches!(c.recv(), Message::PubAck { rc: 0, .. }));
     }
     let qos1 = n as f64 / t.elapsed().as_secs_f64();
@@ -234,7 +193,7 @@ fn run_sn(port: u16, mqtt: u16, n: usize, connects: usize, run: usize) -> Figure
         if (i + 1) % BARRIER == 0 {
             // UDP may drop the barrier itself in a burst: resend it, as a client would.
             loop {
-                c.publish(topic_id, SnQos::One, 1, i);
+                sn_publish(&c, topic_id, SnQos::One, 1, i);
                 match c.recv_within(Duration::from_secs(1)) {
                     Some(Message::PubAck { rc: 0, .. }) => break,
                     Some(other) => panic!("PUBACK expected, got {other:?}"),
@@ -242,7 +201,7 @@ fn run_sn(port: u16, mqtt: u16, n: usize, connects: usize, run: usize) -> Figure
                 }
             }
         } else {
-            c.publish(topic_id, SnQos::Zero, 0, i);
+            sn_publish(&c, topic_id, SnQos::Zero, 0, i);
         }
     }
     let qos0 = n as f64 / t.elapsed().as_secs_f64();

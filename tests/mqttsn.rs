@@ -5,14 +5,14 @@
 
 mod common;
 
-use std::net::UdpSocket;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::proxy::{Mode, Mosquitto, Proxy};
 use common::rq::Cloud;
+use common::sn::SnClient;
 use common::Outpost;
-use outpost::proto::mqttsn::{decode, encode, Flags, Message, SnQos, TopicRef};
+use outpost::proto::mqttsn::{Flags, Message, SnQos, TopicRef};
 
 const RULES: &str = r#"
 [[out]]
@@ -20,57 +20,6 @@ filter = "sensors/#"
 remote_prefix = "sites/{gateway_id}/"
 qos = 1
 "#;
-
-struct Sensor {
-    s: UdpSocket,
-}
-
-impl Sensor {
-    fn new(port: u16) -> Sensor {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Sensor { s }
-    }
-
-    fn send(&self, m: &Message) {
-        let mut d = Vec::new();
-        encode(m, &mut d);
-        self.s.send(&d).unwrap();
-    }
-
-    fn recv(&self) -> Message {
-        let mut buf = [0u8; 2048];
-        let n = self.s.recv(&mut buf).expect("a reply from the gateway");
-        decode(&buf[..n]).expect("a well-formed reply")
-    }
-
-    fn connect(&self, id: &str) {
-        self.send(&Message::Connect {
-            flags: Flags {
-                clean_session: true,
-                ..Flags::default()
-            },
-            duration: 60,
-            client_id: id.into(),
-        });
-        assert_eq!(self.recv(), Message::ConnAck { rc: 0 });
-    }
-
-    fn register(&self, topic: &str) -> u16 {
-        self.send(&Message::Register {
-            topic_id: 0,
-            msg_id: 1,
-            topic: topic.into(),
-        });
-        match self.recv() {
-            Message::RegAck {
-                topic_id, rc: 0, ..
-            } => topic_id,
-            other => panic!("REGACK expected, got {other:?}"),
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_published_while_uplink_down_reaches_cloud_after_crash_and_return() {
@@ -92,7 +41,7 @@ async fn qos1_published_while_uplink_down_reaches_cloud_after_crash_and_return()
     const N: u16 = 300;
     let sn = o.sn_port();
     let sensor = tokio::task::spawn_blocking(move || {
-        let s = Sensor::new(sn);
+        let s = SnClient::new(sn);
         s.connect("soil-1");
         let topic = s.register("sensors/soil/moisture");
         for i in 1..=N {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::proto::mqtt::{Props, QoS};
+use crate::proto::mqtt::{Props, Publish, QoS};
 
 /// Where a message came from. Used for No Local and for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +56,22 @@ pub struct Message {
 }
 
 impl Message {
+    /// The message a PUBLISH carries, received `now`: its end-to-end properties kept and its
+    /// expiry started.
+    pub fn from_publish(p: Publish, origin: Origin, now: Instant) -> Arc<Message> {
+        let (properties, expires_at) = end_to_end(p.properties, now);
+        Arc::new(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties,
+            origin,
+            received_at: now,
+            expires_at,
+        })
+    }
+
     /// True once `now` is past the message's expiry.
     pub fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|e| now >= e)

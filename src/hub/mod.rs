@@ -401,19 +401,10 @@ impl Hub {
             HubInput::Committed { token, outcome } => self.on_committed(now, token, outcome, out),
             HubInput::Uplink(p) => self.on_uplink_publish(now, p, out),
             HubInput::SetWill { conn, will } => self.on_set_will(conn, will),
-            HubInput::Unconnected(p) => {
+            HubInput::Unconnected(mut p) => {
                 self.stats.received += 1;
-                let (props, expires_at) = message::end_to_end(p.properties, now);
-                let msg = Arc::new(Message {
-                    topic: p.topic,
-                    payload: p.payload,
-                    qos: QoS::AtMostOnce,
-                    retain: p.retain,
-                    properties: props,
-                    origin: Origin::Unconnected,
-                    received_at: now,
-                    expires_at,
-                });
+                p.qos = QoS::AtMostOnce;
+                let msg = Message::from_publish(p, Origin::Unconnected, now);
                 let mut routed = self.route(now, msg, out);
                 self.persist.ops.append(&mut routed.ops);
             }
@@ -444,32 +435,23 @@ impl Hub {
     /// is recognised and not delivered twice).
     fn on_uplink_publish(&mut self, now: Instant, p: Publish, out: &mut dyn Outlet) {
         self.stats.received += 1;
-        let (props, expires_at) = message::end_to_end(p.properties, now);
-        let msg = Arc::new(Message {
-            topic: p.topic,
-            payload: p.payload,
-            qos: p.qos,
-            retain: p.retain,
-            properties: props,
-            origin: Origin::Uplink,
-            received_at: now,
-            expires_at,
-        });
+        let (qos, packet_id) = (p.qos, p.packet_id);
+        let msg = Message::from_publish(p, Origin::Uplink, now);
         let mut routed = self.route(now, msg, out);
-        if p.qos == QoS::AtMostOnce {
+        if qos == QoS::AtMostOnce {
             self.persist.ops.append(&mut routed.ops);
             return;
         }
-        if p.qos == QoS::ExactlyOnce && self.persist.durable.is_some() {
+        if qos == QoS::ExactlyOnce && self.persist.durable.is_some() {
             routed.ops.push(Op::Qos2Put {
                 client_id: UPLINK_QOS2_ID.into(),
-                packet_id: p.packet_id,
+                packet_id,
             });
         }
         let pending = Pending {
             tails: routed.tails,
             rows: routed.rows,
-            uplink: Some((p.packet_id, p.qos)),
+            uplink: Some((packet_id, qos)),
             ..Pending::default()
         };
         self.submit_gated(now, routed.ops, pending, out);
@@ -956,6 +938,7 @@ impl Hub {
                 out,
             );
         }
+        let (qos, pid) = (p.qos, p.packet_id);
         let mut code = reason::SUCCESS;
         let mut routed = Routed::default();
         if p.properties.payload_format_indicator == Some(1)
@@ -964,50 +947,40 @@ impl Hub {
             // [MQTT-3.3.2-4] the server MAY check: we do, and refuse it.
             code = reason::PAYLOAD_FORMAT_INVALID;
         } else {
-            let (props, expires_at) = message::end_to_end(p.properties, now);
-            let msg = Arc::new(Message {
-                topic: p.topic,
-                payload: p.payload,
-                qos: p.qos,
-                retain: p.retain,
-                properties: props,
-                origin: Origin::Client(id.clone()),
-                received_at: now,
-                expires_at,
-            });
+            let msg = Message::from_publish(p, Origin::Client(id.clone()), now);
             routed = self.route(now, msg, out);
             if routed.reached == 0 && v.is_v5() {
                 code = reason::NO_MATCHING_SUBSCRIBERS;
             }
         }
-        let reply = match p.qos {
+        let reply = match qos {
             QoS::AtMostOnce => {
                 // Nobody waits for a QoS 0 message's effects (a retained update, say).
                 self.persist.ops.append(&mut routed.ops);
                 return;
             }
-            QoS::AtLeastOnce => Packet::PubAck(ack(p.packet_id, code, v)),
+            QoS::AtLeastOnce => Packet::PubAck(ack(pid, code, v)),
             QoS::ExactlyOnce => {
                 if code < 0x80 {
                     if let Some(s) = self.sessions.get_mut(id) {
-                        s.inbound_qos2.insert(p.packet_id);
+                        s.inbound_qos2.insert(pid);
                     }
                     if durable_publisher {
                         // Committed with the message, so a resend after a crash is recognised.
                         routed.ops.push(Op::Qos2Put {
                             client_id: id.to_string(),
-                            packet_id: p.packet_id,
+                            packet_id: pid,
                         });
                     }
                 }
-                Packet::PubRec(ack(p.packet_id, code, v))
+                Packet::PubRec(ack(pid, code, v))
             }
         };
         if routed.ops.is_empty() {
             return self.control(now, conn, id, reply, out);
         }
         // The durability contract: the ack goes out only once every effect has committed.
-        if p.qos == QoS::AtLeastOnce {
+        if qos == QoS::AtLeastOnce {
             // QoS 2 is already counted in `inbound_qos2`; counting it twice against Receive
             // Maximum would disconnect a client that keeps within it.
             if let Some(s) = self.sessions.get_mut(id) {

@@ -6,6 +6,7 @@
 
 pub mod proxy;
 pub mod rq;
+pub mod sn;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -656,17 +656,24 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
         }
     }
 
-    /// Ends a client's connection here and in the hub.
-    fn end(&mut self, conn: ConnId, reason: CloseReason) {
-        let Some(c) = self.clients.remove(&conn) else {
-            return;
-        };
+    /// Takes a client out of every index. An address or client id that has since moved to
+    /// another connection keeps pointing there.
+    fn unmap(&mut self, conn: ConnId) -> Option<Client<A>> {
+        let c = self.clients.remove(&conn)?;
         if self.by_peer.get(&c.peer) == Some(&conn) {
             self.by_peer.remove(&c.peer);
         }
         if self.by_client_id.get(&c.id) == Some(&conn) {
             self.by_client_id.remove(&c.id);
         }
+        Some(c)
+    }
+
+    /// Ends a client's connection here and in the hub.
+    fn end(&mut self, conn: ConnId, reason: CloseReason) {
+        let Some(c) = self.unmap(conn) else {
+            return;
+        };
         let normal = matches!(reason, CloseReason::Disconnect { .. });
         if normal && !c.clean && c.will.topic.is_some() {
             if self.kept_wills.len() >= self.cfg.max_clients {
@@ -1251,14 +1258,8 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
     /// Removes a client the hub already let go of: the `Closed` input only tells the hub's
     /// task to drop the link.
     fn forget(&mut self, conn: ConnId) {
-        let Some(c) = self.clients.remove(&conn) else {
+        if self.unmap(conn).is_none() {
             return;
-        };
-        if self.by_peer.get(&c.peer) == Some(&conn) {
-            self.by_peer.remove(&c.peer);
-        }
-        if self.by_client_id.get(&c.id) == Some(&conn) {
-            self.by_client_id.remove(&c.id);
         }
         self.hub(HubInput::Closed {
             conn,
