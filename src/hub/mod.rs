@@ -7,6 +7,7 @@
 //! connection), which is where the durable store's commit confirmation slots in.
 
 pub mod durable;
+pub mod local;
 pub mod message;
 pub mod retained;
 pub mod session;
@@ -655,6 +656,15 @@ impl Hub {
         if c.properties.authentication_method.is_some() {
             // No enhanced authentication method is offered ([MQTT-4.12.0-1]).
             return refuse(out, reason::BAD_AUTHENTICATION_METHOD);
+        }
+        if c.client_id.starts_with(local::LOCAL_ID_PREFIX) && !local::is_local(conn) {
+            // Serial ports and GPIO pins hold these sessions; a device must not take one over.
+            let code = if v.is_v5() {
+                reason::CLIENT_ID_NOT_VALID
+            } else {
+                reason::V3_IDENTIFIER_REJECTED
+            };
+            return refuse(out, code);
         }
         let mut assigned = None;
         let id: Arc<str> = if c.client_id.is_empty() {

@@ -821,3 +821,74 @@ fn pubrel_waits_for_the_persisted_pubrec_state() {
         matches!(&t.out.take(1)[..], [Packet::PubRel(a)] if a.packet_id == delivered[0].packet_id)
     );
 }
+
+/// Drives an in-process client against the hub until neither has anything left to say.
+fn pump_local(t: &mut T, c: &mut local::LocalClient, conn: ConnId) {
+    loop {
+        let mut busy = false;
+        while let Some(i) = c.poll_input() {
+            busy = true;
+            t.input(i);
+        }
+        for p in t.out.take(conn) {
+            busy = true;
+            c.handle(t.now, p);
+        }
+        if !busy {
+            return;
+        }
+    }
+}
+
+#[test]
+fn local_client_publishes_within_its_window_and_receives_commands() {
+    use local::{Event, LocalClient, LOCAL_CONN_BASE};
+    let mut t = t();
+    t.connect(1, Version::V5, "watcher", true);
+    assert_eq!(t.subscribe(1, "sensors/#", opts(QoS::AtLeastOnce), None), vec![1]);
+    let conn = LOCAL_CONN_BASE;
+    let mut c = LocalClient::new(
+        conn,
+        "serial/ws1",
+        vec![("cmd/ws1".into(), QoS::AtLeastOnce)],
+        2,
+        8,
+    );
+    pump_local(&mut t, &mut c, conn);
+    assert_eq!(c.poll_event(), Some(Event::Up));
+    for i in 0..2 {
+        let payload = Bytes::from(format!("{i}"));
+        c.publish("sensors/ws1/T".into(), payload, QoS::AtLeastOnce, false)
+            .unwrap();
+    }
+    // The window is full until the hub acknowledges.
+    assert!(!c.can_publish());
+    assert!(c
+        .publish("x".into(), Bytes::new(), QoS::AtLeastOnce, false)
+        .is_err());
+    pump_local(&mut t, &mut c, conn);
+    assert!(c.can_publish(), "the in-memory hub acks at once");
+    let got = t.out.publishes(1);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].topic, "sensors/ws1/T");
+    assert_eq!(&got[1].payload[..], b"1");
+
+    t.publish(1, msg("cmd/ws1", "RESET", QoS::AtLeastOnce, 7));
+    pump_local(&mut t, &mut c, conn);
+    let Some(Event::Message(m)) = c.poll_event() else {
+        panic!("no command")
+    };
+    assert_eq!(&m.payload[..], b"RESET");
+    c.delivered(m.packet_id, m.qos);
+    pump_local(&mut t, &mut c, conn);
+    assert_eq!(t.hub.stats().sent, 3);
+}
+
+#[test]
+fn the_local_id_prefix_is_refused_from_the_network() {
+    let mut t = t();
+    let a = t.connect(1, Version::V5, "$outpost/serial/ws1", true);
+    assert_eq!(a.code, reason::CLIENT_ID_NOT_VALID);
+    let a = t.connect(2, Version::V311, "$outpost/gpio", true);
+    assert_eq!(a.code, reason::V3_IDENTIFIER_REJECTED);
+}
