@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use crate::bridge::rules::Rules;
 use crate::config::{self, Config, ListenerKind};
 use crate::hub::durable::Clock;
+use crate::hub::local::LOCAL_CONN_BASE;
 use crate::hub::{Hub, HubConfig, Restored};
 use crate::io::hub_task::{self, HubMsg, HUB_QUEUE};
 use crate::io::mqtt_listener::{self, ListenerShared};
@@ -22,10 +23,14 @@ use crate::io::mqttsn_serial::Serial;
 use crate::io::mqttsn_udp::Udp;
 use crate::io::store_link::{StoreLink, COMMITS_QUEUE};
 use crate::io::uplink::{self, UplinkSetup};
+use crate::io::{gpio, serial};
 use crate::proto::mqtt::server::ServerLimits;
 use crate::proto::mqttsn::gateway::{Gateway, GatewayConfig, Predefined};
 use crate::store::{self, Store, StoreConfig, StoreError};
 use crate::systemd;
+
+/// The GPIO session's connection id, past every serial port's.
+const GPIO_CONN_OFFSET: u64 = 1 << 32;
 
 /// How long shutdown waits for connections to flush before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -62,6 +67,9 @@ pub enum ServerError {
     /// The uplink could not be set up.
     #[error("uplink")]
     Uplink(#[from] crate::io::uplink::UplinkError),
+    /// A GPIO chip or line could not be set up.
+    #[error("GPIO")]
+    Gpio(#[source] crate::hw::HwError),
     /// A serial port for MQTT-SN could not be opened.
     #[error("cannot open serial port {device}")]
     Serial {
@@ -285,6 +293,49 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 )));
             }
         }
+    }
+    for (i, port) in config.serial.iter().enumerate() {
+        if port.wire().is_none() {
+            // An MQTT-SN port is a gateway transport like an `mqtt-sn-serial` listener.
+            let l = config::Listener {
+                kind: ListenerKind::MqttSnSerial,
+                bind: None,
+                device: Some(port.device.clone()),
+                baud: Some(port.baud),
+                crc: None,
+                qos_minus_one: None,
+            };
+            let t = Serial::open(&l).map_err(|source| ServerError::Serial {
+                device: port.device.clone(),
+                source,
+            })?;
+            tracing::info!(port = %port.name, place = %l.place(), "MQTT-SN 1.2 gateway on serial {}", l.place());
+            let index = config.listeners.len() + i;
+            let gw = Gateway::new(std::time::Instant::now(), gateway_config(&config, index));
+            accept_tasks.push(tokio::spawn(mqttsn::run(
+                t,
+                gw,
+                hub_tx.clone(),
+                stop_rx.clone(),
+            )));
+            continue;
+        }
+        accept_tasks.push(tokio::spawn(serial::run(
+            port.clone(),
+            gateway.clone(),
+            LOCAL_CONN_BASE + i as u64,
+            hub_tx.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    if !config.gpio.input.is_empty() || !config.gpio.output.is_empty() {
+        let pins = gpio::open(&config.gpio).map_err(ServerError::Gpio)?;
+        accept_tasks.push(tokio::spawn(gpio::run(
+            pins,
+            LOCAL_CONN_BASE + GPIO_CONN_OFFSET,
+            hub_tx.clone(),
+            stop_rx.clone(),
+        )));
     }
     let mode = match &config.uplink {
         Some(u) => format!("uplink {}", u.url),

@@ -4,6 +4,7 @@
 //! Unknown keys are errors (`deny_unknown_fields`), so a typo never silently falls back to a
 //! default. Durations and sizes are written in human units ("30s", "512MiB").
 
+mod devices;
 mod mqttsn;
 mod units;
 mod uplink;
@@ -15,8 +16,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+pub use devices::{
+    Bias, Decode, Edge, FlowControl, Framing, Gpio, GpioBackend, GpioInput, GpioOutput, InputMode,
+    Level, Parity, SerialPort,
+};
 pub use mqttsn::{Advertise, MqttSn, Network, PredefinedTopic, Retry};
-pub use units::{Duration, Size};
+pub use units::{parse_duration, Duration, Size};
 pub use uplink::{Backoff, Protocol, RateLimit, Scheme, Uplink, Url};
 
 /// Why a configuration could not be used.
@@ -64,6 +69,12 @@ pub struct Config {
     /// The MQTT-SN gateway, for every `mqtt-sn` and `mqtt-sn-serial` listener.
     #[serde(default)]
     pub mqttsn: MqttSn,
+    /// Sensor ports.
+    #[serde(default)]
+    pub serial: Vec<SerialPort>,
+    /// GPIO inputs and outputs.
+    #[serde(default)]
+    pub gpio: Gpio,
 }
 
 /// `synchronous` in `[store]`.
@@ -363,6 +374,32 @@ impl Config {
                 return Err(invalid(path, text, pos, msg));
             }
         }
+        for (i, p) in self.serial.iter().enumerate() {
+            if let Some((key, msg)) = p.problems() {
+                return Err(invalid(
+                    path,
+                    text,
+                    key_in_table(text, "[[serial]]", i, key),
+                    msg,
+                ));
+            }
+            if self.serial[..i].iter().any(|q| q.name == p.name) {
+                let pos = key_in_table(text, "[[serial]]", i, "name");
+                return Err(invalid(
+                    path,
+                    text,
+                    pos,
+                    format!("port name `{}` is used twice", p.name),
+                ));
+            }
+        }
+        if let Some((key, msg)) = self.gpio.problems() {
+            let pos = text
+                .find("gpio")
+                .and_then(|s| text[s..].find(key).map(|k| s + k))
+                .unwrap_or(0);
+            return Err(invalid(path, text, pos, msg));
+        }
         if let Some(id) = &self.gateway.id {
             if id.is_empty() || id.contains(['/', '+', '#']) {
                 return Err(at(
@@ -397,6 +434,26 @@ impl Config {
             _ => PathBuf::from("./outpost-data"),
         }
     }
+}
+
+/// Where `key` is written in the `n`th table headed `header` (`[[serial]]`), or failing that
+/// the header itself.
+fn key_in_table(text: &str, header: &str, n: usize, key: &str) -> usize {
+    let Some((start, _)) = text.match_indices(header).nth(n) else {
+        return 0;
+    };
+    let end = text[start + header.len()..]
+        .find("\n[")
+        .map_or(text.len(), |e| start + header.len() + e);
+    text[start..end]
+        .lines()
+        .scan(start, |at, l| {
+            let here = *at;
+            *at += l.len() + 1;
+            Some((here, l))
+        })
+        .find(|(_, l)| l.trim_start().starts_with(key))
+        .map_or(start, |(at, l)| at + (l.len() - l.trim_start().len()))
 }
 
 /// Builds an error at byte `offset` of `text`, naming the key on that line when there is one.

@@ -208,6 +208,9 @@ impl LocalClient {
                                 qos: *qos,
                                 // Our own state reports must not come back as commands.
                                 no_local: true,
+                                // A retained command is not replayed when we start: outputs
+                                // begin at their configured level, ports write nothing.
+                                retain_handling: 2,
                                 ..SubOptions::default()
                             };
                             (f.clone(), opts)
@@ -334,8 +337,13 @@ mod tests {
         let mut c = LocalClient::new(LOCAL_CONN_BASE, "x", vec![], 1, 1);
         c.handle(now, Packet::ConnAck(Default::default()));
         assert_eq!(c.poll_event(), Some(Event::Up));
-        c.publish("t".into(), Bytes::from_static(b"v"), QoS::AtLeastOnce, false)
-            .unwrap();
+        c.publish(
+            "t".into(),
+            Bytes::from_static(b"v"),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .unwrap();
         let _connect = c.poll_input();
         let Some(HubInput::Packet {
             packet: Packet::Publish(p),

@@ -845,7 +845,10 @@ fn local_client_publishes_within_its_window_and_receives_commands() {
     use local::{Event, LocalClient, LOCAL_CONN_BASE};
     let mut t = t();
     t.connect(1, Version::V5, "watcher", true);
-    assert_eq!(t.subscribe(1, "sensors/#", opts(QoS::AtLeastOnce), None), vec![1]);
+    assert_eq!(
+        t.subscribe(1, "sensors/#", opts(QoS::AtLeastOnce), None),
+        vec![1]
+    );
     let conn = LOCAL_CONN_BASE;
     let mut c = LocalClient::new(
         conn,

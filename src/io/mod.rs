@@ -1,20 +1,26 @@
-//! Adapters: the only code that touches sockets. Each one reads bytes, hands them to a sans-IO
+//! Adapters: the only code that touches sockets and devices. Each one reads bytes, hands them to a sans-IO
 //! machine with the current time, and writes what the machine asks for.
 //!
 //! - `hub_task`: the tokio task that owns the `Hub`, and the bounded links to connections.
 //! - `mqtt_listener`: TCP accept loop and one task per MQTT connection.
 //! - `mqttsn`: the MQTT-SN gateway's driver over any datagram transport; `mqttsn_udp` and
 //!   `mqttsn_serial` are the transports.
+//! - `serial`: sensor ports (tokio-serial): frames in, messages out, write topics back.
+//! - `gpio`: GPIO inputs and outputs over the `hw` backends.
+//! - `local`: the bounded hub link of an in-process client (a serial port, the GPIO pins).
 //! - `store_link`: the hub's `Durable` over the SQLite store, and commit completions.
 //! - `uplink`: the connection to the cloud broker, driving `proto::mqtt::client`.
 //! - `tls`: rustls client setup for the uplink.
 //! - `ws`: MQTT over WebSocket for the uplink.
 
+pub mod gpio;
 pub mod hub_task;
+pub mod local;
 pub mod mqtt_listener;
 pub mod mqttsn;
 pub mod mqttsn_serial;
 pub mod mqttsn_udp;
+pub mod serial;
 pub mod store_link;
 pub mod tls;
 pub mod uplink;
