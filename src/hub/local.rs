@@ -73,6 +73,8 @@ pub struct LocalClient {
     client_id: String,
     subs: Vec<(String, QoS)>,
     window: usize,
+    /// Whether retained messages are delivered on subscribe.
+    replay_retained: bool,
     state: State,
     next_id: u16,
     inflight: BTreeMap<u16, Inflight>,
@@ -115,12 +117,24 @@ impl LocalClient {
             client_id,
             subs,
             window: window.clamp(1, u16::MAX as usize - 1),
+            replay_retained: false,
             state: State::Connecting,
             next_id: 0,
             inflight: BTreeMap::new(),
             to_hub,
             events: VecDeque::new(),
         }
+    }
+
+    /// Has retained messages delivered on subscribe, as any MQTT client gets them (off by
+    /// default: a retained command must not move an output at start).
+    pub fn replay_retained(mut self) -> Self {
+        self.replay_retained = true;
+        self
+    }
+
+    pub fn conn(&self) -> ConnId {
+        self.conn
     }
 
     pub fn client_id(&self) -> &str {
@@ -210,7 +224,7 @@ impl LocalClient {
                                 no_local: true,
                                 // A retained command is not replayed when we start: outputs
                                 // begin at their configured level, ports write nothing.
-                                retain_handling: 2,
+                                retain_handling: if self.replay_retained { 0 } else { 2 },
                                 ..SubOptions::default()
                             };
                             (f.clone(), opts)
@@ -291,6 +305,11 @@ impl LocalClient {
                 self.packet(Packet::Publish(p));
             }
         }
+    }
+
+    /// Whether `poll_input` has something.
+    pub fn has_input(&self) -> bool {
+        !self.to_hub.is_empty()
     }
 
     /// The next input for the hub.

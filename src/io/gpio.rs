@@ -190,14 +190,11 @@ pub async fn run(
             .min()
             .map(tokio::time::Instant::from_std);
         tokio::select! {
-            e = edges.recv() => match e {
-                Some((k, level, at)) => {
-                    if let Some((_, i)) = t.inputs.get_mut(k) {
-                        i.edge(at, level);
-                    }
+            Some((k, level, at)) = edges.recv(), if !t.inputs.is_empty() => {
+                if let Some((_, i)) = t.inputs.get_mut(k) {
+                    i.edge(at, level);
                 }
-                None => edges = mpsc::channel(1).1,
-            },
+            }
             ev = link.next() => match ev {
                 Ok(Event::Message(m)) => {
                     t.command(&m.topic, &m.payload);
@@ -371,3 +368,7 @@ impl Task {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "gpio_tests.rs"]
+mod tests;

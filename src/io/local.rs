@@ -50,6 +50,16 @@ impl HubLink {
         subs: Vec<(String, QoS)>,
         window: usize,
     ) -> Result<HubLink, LocalError> {
+        let client = LocalClient::new(conn, name, subs, window, LOCAL_LINK_QUEUE as u16);
+        Self::attach_client(hub, client).await
+    }
+
+    /// Attaches `client` and waits until it is up.
+    pub async fn attach_client(
+        hub: mpsc::Sender<HubMsg>,
+        client: LocalClient,
+    ) -> Result<HubLink, LocalError> {
+        let conn = client.conn();
         let (tx, rx) = mpsc::channel(LOCAL_LINK_QUEUE);
         let state = Arc::new(LinkState::default());
         let link = Link {
@@ -60,7 +70,6 @@ impl HubLink {
         hub.send(HubMsg::Attach { conn, link })
             .await
             .map_err(|_| LocalError::HubGone)?;
-        let client = LocalClient::new(conn, name, subs, window, LOCAL_LINK_QUEUE as u16);
         let mut l = HubLink {
             client,
             conn,
@@ -89,7 +98,7 @@ impl HubLink {
         Ok(())
     }
 
-    /// The next event. Cancel-safe: it only receives; `flush` sends.
+    /// The next event, sending the hub what the client owes it meanwhile. Cancel-safe.
     pub async fn next(&mut self) -> Result<Event, LocalError> {
         loop {
             if let Some(e) = self.client.poll_event() {
@@ -110,6 +119,14 @@ impl HubLink {
                     Some(LinkItem::Configure { .. }) => {}
                     Some(LinkItem::Close) | None => return Err(LocalError::Closed),
                 },
+                // Answers the hub owes (SUBSCRIBE after CONNACK, PUBREL after PUBREC) go
+                // out from here too. Cancel-safe: an input is taken only with its permit.
+                permit = self.hub.reserve(), if self.client.has_input() => {
+                    let permit = permit.map_err(|_| LocalError::HubGone)?;
+                    if let Some(i) = self.client.poll_input() {
+                        permit.send(HubMsg::Input(i));
+                    }
+                }
                 _ = self.state.close.notified() => return Err(LocalError::Closed),
                 _ = sleep_until_opt(deadline) => {
                     self.client.handle_timeout(std::time::Instant::now());
