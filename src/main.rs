@@ -116,6 +116,71 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
             );
         }
     }
+    for p in &c.serial {
+        match p.wire() {
+            None => println!(
+                "serial:       {} {} at {} baud: MQTT-SN gateway",
+                p.name,
+                p.device.display(),
+                p.baud
+            ),
+            Some(_) => println!(
+                "serial:       {} {} at {} baud {}{}{}: {:?} framing, {:?} decoder -> {} qos={} retain={}{}",
+                p.name,
+                p.device.display(),
+                p.baud,
+                p.data_bits,
+                match p.parity {
+                    outpost::config::Parity::None => "N",
+                    outpost::config::Parity::Odd => "O",
+                    outpost::config::Parity::Even => "E",
+                },
+                p.stop_bits,
+                p.framing,
+                p.decode,
+                p.topic_template(),
+                p.qos,
+                p.retain,
+                p.write_topic
+                    .as_ref()
+                    .map_or(String::new(), |w| format!(", writes from {w}"))
+            ),
+        }
+    }
+    let g = &c.gpio;
+    if !g.input.is_empty() || !g.output.is_empty() {
+        println!("gpio:         {:?} backend", g.backend);
+        for i in &g.input {
+            println!(
+                "  input  {}:{} {:?} edge={:?} bias={:?} debounce={} -> {} qos={}{}",
+                i.chip,
+                i.line,
+                i.mode,
+                i.edge,
+                i.bias,
+                i.debounce,
+                i.topic,
+                i.qos,
+                if i.mode == outpost::config::InputMode::Counter {
+                    format!(" every {}", i.interval)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        for o in &g.output {
+            println!(
+                "  output {}:{} <- {} initial={:?}{}",
+                o.chip,
+                o.line,
+                o.topic,
+                o.initial,
+                o.state_topic
+                    .as_ref()
+                    .map_or(String::new(), |s| format!(" state -> {s}"))
+            );
+        }
+    }
     let l = &c.limits;
     println!(
         "limits:       max_connections={} max_packet_size={} max_inflight={} max_queued={} connect_timeout={} max_keepalive={} topic_alias_maximum={}",

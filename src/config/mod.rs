@@ -561,6 +561,77 @@ when_full = "block"
         assert_eq!(c.listeners[2].baud, Some(9600));
     }
 
+    #[test]
+    fn serial_and_gpio() {
+        let c = parse(
+            r#"
+[[serial]]
+name = "ws1"
+device = "/dev/serial/by-id/usb-FTDI_FT232R-if00-port0"
+baud = 9600
+parity = "even"
+stop_bits = 2
+framing = "lines"
+decode = "kv"
+topic = "sensors/{name}/{key}"
+qos = 1
+write_topic = "cmd/ws1"
+
+[[serial]]
+name = "probe"
+device = "/dev/ttyUSB1"
+framing = "len-crc16"
+decode = "csv"
+columns = ["moisture", "-", "temp"]
+
+[[serial]]
+name = "radio"
+device = "/dev/ttyAMA0"
+framing = "mqtt-sn"
+
+[gpio]
+[[gpio.input]]
+chip = "pinctrl-bcm2711"
+line = 17
+bias = "pull-up"
+edge = "both"
+debounce = "20ms"
+mode = "level"
+topic = "io/door"
+qos = 1
+retain = true
+
+[[gpio.input]]
+chip = "/dev/gpiochip0"
+line = 22
+edge = "falling"
+mode = "counter"
+interval = "60s"
+topic = "io/rain"
+
+[[gpio.output]]
+chip = "pinctrl-bcm2711"
+line = 27
+topic = "io/pump/set"
+state_topic = "io/pump"
+initial = "low"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.serial.len(), 3);
+        assert_eq!(c.serial[0].parity, Parity::Even);
+        assert_eq!(
+            c.serial[0].template("g").unwrap().render(Some("T")),
+            "sensors/ws1/T"
+        );
+        assert_eq!(c.serial[1].topic_template(), "sensors/{name}/{key}");
+        assert!(c.serial[2].wire().is_none());
+        assert_eq!(c.gpio.backend, GpioBackend::Linux);
+        assert_eq!(c.gpio.input[1].mode, InputMode::Counter);
+        assert_eq!(c.gpio.input[0].debounce.0.as_millis(), 20);
+        assert_eq!(c.gpio.output[0].initial, Level::Low);
+    }
+
     fn err(t: &str) -> String {
         parse(t).unwrap_err().to_string()
     }
@@ -608,6 +679,31 @@ when_full = "block"
         );
         let e = err("[mqttsn]\nretry = { interval = \"0s\", count = 3 }\n");
         assert!(e.contains("key `retry`"), "{e}");
+        let e = err("[[serial]]\nname = \"a\"\ndevice = \"/dev/x\"\ndecode = \"kv\"\ntopic = \"s/{name}\"\n");
+        assert!(
+            e.starts_with("t.toml:5:1: key `topic`:") && e.contains("{key}"),
+            "{e}"
+        );
+        let e = err("[[serial]]\nname = \"a\"\ndevice = \"/dev/x\"\n[[serial]]\nname = \"b\"\ndevice = \"/dev/y\"\ndecode = \"csv\"\n");
+        assert!(
+            e.starts_with("t.toml:4:1:") && e.contains("csv needs"),
+            "{e}"
+        );
+        let e = err("[[serial]]\nname = \"a\"\ndevice = \"/dev/x\"\ntopic = \"s/{nope}\"\n");
+        assert!(e.contains("unknown placeholder"), "{e}");
+        let e = err("[[serial]]\nname = \"a\"\ndevice = \"/dev/x\"\nframing = \"morse\"\n");
+        assert!(
+            e.starts_with("t.toml:4:11: key `framing`: unknown variant"),
+            "{e}"
+        );
+        let e = err("[[serial]]\nname = \"a\"\ndevice = \"/dev/x\"\n[[serial]]\nname = \"a\"\ndevice = \"/dev/y\"\n");
+        assert!(e.contains("used twice"), "{e}");
+        let e = err("[gpio]\nbackend = \"simulated\"\n");
+        assert!(e.contains("sim_dir"), "{e}");
+        let e = err("[[gpio.output]]\nchip = \"c\"\nline = 1\ntopic = \"a\"\n[[gpio.input]]\nchip = \"c\"\nline = 1\ntopic = \"b\"\n");
+        assert!(e.contains("configured twice"), "{e}");
+        let e = err("[[gpio.input]]\nchip = \"c\"\nline = 1\ntopic = \"a/+\"\n");
+        assert!(e.contains("key `topic`"), "{e}");
         let e = err("this is not toml");
         assert!(e.starts_with("t.toml:1:"), "{e}");
         let e = err(
