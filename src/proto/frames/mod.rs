@@ -108,14 +108,7 @@ impl Deframer {
     pub fn feed(&mut self, bytes: &[u8], mut frame: impl FnMut(Result<&[u8], FrameError>)) {
         let max = self.max;
         let stats = &mut self.stats;
-        let mut emit = |r: Result<&[u8], FrameError>| {
-            match r {
-                Ok(f) if f.is_empty() => return,
-                Ok(_) => stats.frames += 1,
-                Err(_) => stats.dropped += 1,
-            }
-            frame(r)
-        };
+        let mut emit = |r: Result<&[u8], FrameError>| counted(stats, r, &mut frame);
         match &mut self.kind {
             Kind::Lines { buf, skipping } => {
                 for &b in bytes {
@@ -202,20 +195,27 @@ impl Deframer {
             skipped,
         } = &mut self.kind
         {
-            let mut emit = |r: Result<&[u8], FrameError>| {
-                match r {
-                    Ok(f) if f.is_empty() => return,
-                    Ok(_) => stats.frames += 1,
-                    Err(_) => stats.dropped += 1,
-                }
-                frame(r)
-            };
+            let mut emit = |r: Result<&[u8], FrameError>| counted(stats, r, &mut frame);
             lencrc_scan(buf, start, skipped, max, true, &mut emit);
             if *skipped > 0 && buf.len() <= *start {
                 emit(Err(FrameError::Garbage(std::mem::take(skipped))));
             }
         }
     }
+}
+
+/// Counts `r` and hands it on; empty frames are neither.
+fn counted(
+    stats: &mut FrameStats,
+    r: Result<&[u8], FrameError>,
+    frame: &mut impl FnMut(Result<&[u8], FrameError>),
+) {
+    match r {
+        Ok([]) => return,
+        Ok(_) => stats.frames += 1,
+        Err(_) => stats.dropped += 1,
+    }
+    frame(r)
 }
 
 /// Finds `len-crc16` frames in `buf[start..]`. With `flush`, a frame that would need more
