@@ -44,6 +44,8 @@ pub enum Event {
     Up,
     /// A message on one of our subscriptions. Call `delivered` once it has been acted on.
     Message(Publish),
+    /// A publish is acknowledged (committed): the window has room again.
+    Acked,
     /// The hub refused a publish (reason code); it will be offered again.
     Refused(u8),
     /// The hub refused the CONNECT or SUBSCRIBE (reason code): a configuration error.
@@ -64,6 +66,8 @@ struct Inflight {
     released: bool,
     /// Refused: offer again at this instant.
     retry_at: Option<Instant>,
+    /// Publication order, which retries keep (packet ids wrap).
+    seq: u64,
 }
 
 /// One in-process session's client side.
@@ -77,6 +81,7 @@ pub struct LocalClient {
     replay_retained: bool,
     state: State,
     next_id: u16,
+    next_seq: u64,
     inflight: BTreeMap<u16, Inflight>,
     to_hub: VecDeque<HubInput>,
     events: VecDeque<Event>,
@@ -120,6 +125,7 @@ impl LocalClient {
             replay_retained: false,
             state: State::Connecting,
             next_id: 0,
+            next_seq: 0,
             inflight: BTreeMap::new(),
             to_hub,
             events: VecDeque::new(),
@@ -145,9 +151,12 @@ impl LocalClient {
         self.state == State::Up
     }
 
-    /// Whether a QoS 1/2 publish would be taken now.
+    /// Whether a QoS 1/2 publish would be taken now. Not while a refused one waits for its
+    /// retry: a newer message must not overtake it.
     pub fn can_publish(&self) -> bool {
-        self.is_up() && self.inflight.len() < self.window
+        self.is_up()
+            && self.inflight.len() < self.window
+            && self.inflight.values().all(|f| f.retry_at.is_none())
     }
 
     /// QoS 1/2 publishes not yet acknowledged.
@@ -178,12 +187,14 @@ impl LocalClient {
         };
         if qos != QoS::AtMostOnce {
             p.packet_id = self.alloc_id();
+            self.next_seq += 1;
             self.inflight.insert(
                 p.packet_id,
                 Inflight {
                     publish: p.clone(),
                     released: false,
                     retry_at: None,
+                    seq: self.next_seq,
                 },
             );
         }
@@ -277,6 +288,8 @@ impl LocalClient {
         };
         if a.reason < 0x80 {
             self.inflight.remove(&a.packet_id);
+            // The owner may be waiting for room to read its device again.
+            self.events.push_back(Event::Acked);
             return;
         }
         // Refused (quota exceeded: the store is full under `block`, or failing). The hub has
@@ -292,13 +305,14 @@ impl LocalClient {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<u16> = self
+        let mut due: Vec<(u64, u16)> = self
             .inflight
             .iter()
             .filter(|(_, f)| f.retry_at.is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)
+            .map(|(id, f)| (f.seq, *id))
             .collect();
-        for id in due {
+        due.sort_unstable();
+        for (_, id) in due {
             if let Some(f) = self.inflight.get_mut(&id) {
                 f.retry_at = None;
                 let p = f.publish.clone();

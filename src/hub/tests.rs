@@ -878,6 +878,8 @@ fn local_client_publishes_within_its_window_and_receives_commands() {
 
     t.publish(1, msg("cmd/ws1", "RESET", QoS::AtLeastOnce, 7));
     pump_local(&mut t, &mut c, conn);
+    assert_eq!(c.poll_event(), Some(Event::Acked));
+    assert_eq!(c.poll_event(), Some(Event::Acked));
     let Some(Event::Message(m)) = c.poll_event() else {
         panic!("no command")
     };

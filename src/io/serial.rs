@@ -49,6 +49,8 @@ pub struct PortStats {
     pub undecodable: u64,
     pub writes: u64,
     pub writes_dropped: u64,
+    /// Times the hub refused a reading (each is offered again).
+    pub refused: u64,
 }
 
 struct Port {
@@ -112,12 +114,20 @@ pub async fn run(
             link.flush().await?;
             let can_read = device.is_some() && p.pending.is_empty() && link.client.can_publish();
             tokio::select! {
-                ev = link.next() => {
-                    if let Event::Message(m) = ev? {
+                ev = link.next() => match ev? {
+                    Event::Message(m) => {
                         p.write(device.as_mut(), &m.payload).await;
                         link.client.delivered(m.packet_id, m.qos);
                     }
-                }
+                    Event::Refused(code) => {
+                        p.stats.refused += 1;
+                        // Once per stretch: it repeats every second while the store is full.
+                        if p.stats.refused == 1 || p.stats.refused % 100 == 0 {
+                            tracing::warn!(port = %p.cfg.name, reason = code, refused = p.stats.refused, "hub refused a reading (store full?); the port waits and offers it again");
+                        }
+                    }
+                    _ => {}
+                },
                 r = read(device.as_mut(), &mut buf), if can_read => match r {
                     Ok(n) if n > 0 => {
                         p.feed(&buf[..n]);
@@ -131,6 +141,10 @@ pub async fn run(
                         };
                         tracing::warn!(port = %p.cfg.name, device = %p.cfg.device.display(), reason = %why, stats = ?p.stats, "serial device lost; reopening");
                         device = None;
+                        // A frame cut by the unplug must not glue onto the next device's bytes.
+                        let counted = p.deframer.stats;
+                        p.deframer = Deframer::new(p.framing, p.cfg.max_frame.0 as usize);
+                        p.deframer.stats = counted;
                         retry_at = Some(tokio::time::Instant::now() + backoff);
                     }
                 },
