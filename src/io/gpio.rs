@@ -80,14 +80,6 @@ pub fn open_with(backend: &dyn Backend, cfg: &Gpio) -> Result<Pins, HwError> {
     Ok(pins)
 }
 
-fn qos(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
 /// Unix milliseconds of `at`.
 fn unix_ms(at: Instant) -> u128 {
     let ago = Instant::now().saturating_duration_since(at);
@@ -303,7 +295,7 @@ impl Task {
                 out.push((
                     cfg.topic.clone(),
                     Bytes::from(payload),
-                    qos(cfg.qos),
+                    QoS::from_bits(cfg.qos.min(2)).unwrap_or(QoS::AtLeastOnce),
                     retain,
                 ));
             }

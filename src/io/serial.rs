@@ -29,7 +29,7 @@ use crate::config::{self, SerialPort};
 use crate::hub::local::Event;
 use crate::hub::ConnId;
 use crate::proto::frames::decode::{Decoder, Reading, TopicTemplate};
-use crate::proto::frames::{encode, Deframer, Framing};
+use crate::proto::frames::{encode, Deframer, FrameError, Framing};
 use crate::proto::mqtt::QoS;
 
 /// QoS 1/2 readings published and not yet acknowledged (committed) by the hub.
@@ -95,7 +95,7 @@ pub async fn run(
     let mut p = Port {
         framing,
         decoder: cfg.decoder(),
-        qos: qos(cfg.qos),
+        qos: QoS::from_bits(cfg.qos.min(2)).unwrap_or(QoS::AtLeastOnce),
         deframer: Deframer::new(framing, cfg.max_frame.0 as usize),
         template,
         pending: VecDeque::new(),
@@ -207,12 +207,9 @@ async fn read(device: Option<&mut SerialStream>, buf: &mut [u8]) -> std::io::Res
     }
 }
 
-fn qos(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
+/// A noisy line must not flood the journal (an SD card): the first ten, then every 1000th.
+fn worth_logging(count: u64) -> bool {
+    count <= 10 || count % 1000 == 0
 }
 
 /// Opens the device with the port's line settings.
@@ -250,26 +247,28 @@ pub fn open(cfg: &SerialPort) -> std::io::Result<SerialStream> {
 
 impl Port {
     fn feed(&mut self, bytes: &[u8]) {
-        let mut frames = Vec::new();
-        let name = &self.cfg.name;
-        self.deframer.feed(bytes, |f| match f {
-            Ok(frame) => frames.push(frame.to_vec()),
-            Err(e) => tracing::info!(port = %name, error = %e, "serial frame dropped"),
-        });
-        for f in frames {
-            self.frame(&f);
-        }
+        let mut got = Vec::new();
+        self.deframer
+            .feed(bytes, |f| got.push(f.map(<[u8]>::to_vec)));
+        self.frames(got);
     }
 
     fn idle(&mut self) {
-        let mut frames = Vec::new();
-        let name = &self.cfg.name;
-        self.deframer.idle(|f| match f {
-            Ok(frame) => frames.push(frame.to_vec()),
-            Err(e) => tracing::info!(port = %name, error = %e, "serial frame dropped"),
-        });
-        for f in frames {
-            self.frame(&f);
+        let mut got = Vec::new();
+        self.deframer.idle(|f| got.push(f.map(<[u8]>::to_vec)));
+        self.frames(got);
+    }
+
+    fn frames(&mut self, got: Vec<Result<Vec<u8>, FrameError>>) {
+        for f in got {
+            match f {
+                Ok(frame) => self.frame(&frame),
+                Err(e) => {
+                    if worth_logging(self.deframer.stats.dropped) {
+                        tracing::info!(port = %self.cfg.name, error = %e, dropped = self.deframer.stats.dropped, "serial frame dropped");
+                    }
+                }
+            }
         }
     }
 
@@ -283,8 +282,11 @@ impl Port {
             }
             Err(e) => {
                 self.stats.undecodable += 1;
+                if !worth_logging(self.stats.undecodable) {
+                    return;
+                }
                 let shown = String::from_utf8_lossy(&frame[..frame.len().min(80)]).into_owned();
-                tracing::info!(port = %self.cfg.name, error = %e, frame = %shown, "serial frame does not decode");
+                tracing::info!(undecodable = self.stats.undecodable, port = %self.cfg.name, error = %e, frame = %shown, "serial frame does not decode");
             }
         }
     }
