@@ -175,25 +175,13 @@ impl Backend for Sim {
     fn input(&self, spec: &InputSpec) -> Result<Box<dyn InputLine>, HwError> {
         let key = (spec.chip.clone(), spec.line);
         let (tx, rx) = sync_channel(1024);
-        let mut lines = self
-            .0
-            .lines
-            .lock()
-            .map_err(|_| HwError::Sim("poisoned".into()))?;
-        let l = lines.entry(key.clone()).or_default();
-        if l.requested {
-            return Err(HwError::Line {
-                chip: spec.chip.clone(),
-                line: spec.line,
-                detail: "busy".into(),
-            });
-        }
-        if !l.preset {
-            // Nothing set it yet: the bias decides.
-            l.level = spec.bias == Bias::PullUp;
-        }
-        l.requested = true;
-        l.edges = Some(tx);
+        self.claim(&key, |l| {
+            if !l.preset {
+                // Nothing set it yet: the bias decides.
+                l.level = spec.bias == Bias::PullUp;
+            }
+            l.edges = Some(tx);
+        })?;
         Ok(Box::new(SimIn {
             sim: self.clone(),
             key,
@@ -203,27 +191,34 @@ impl Backend for Sim {
 
     fn output(&self, chip: &str, line: u32, initial: bool) -> Result<Box<dyn OutputLine>, HwError> {
         let key = (chip.to_owned(), line);
-        {
-            let mut lines = self
-                .0
-                .lines
-                .lock()
-                .map_err(|_| HwError::Sim("poisoned".into()))?;
-            let l = lines.entry(key.clone()).or_default();
-            if l.requested {
-                return Err(HwError::Line {
-                    chip: chip.to_owned(),
-                    line,
-                    detail: "busy".into(),
-                });
-            }
-            l.requested = true;
-        }
+        self.claim(&key, |_| ())?;
         self.record(&key, initial)?;
         Ok(Box::new(SimOut {
             sim: self.clone(),
             key,
         }))
+    }
+}
+
+impl Sim {
+    /// Marks a line requested (a second request is "busy", as the kernel says) and sets it up.
+    fn claim(&self, key: &Key, setup: impl FnOnce(&mut Line)) -> Result<(), HwError> {
+        let mut lines = self
+            .0
+            .lines
+            .lock()
+            .map_err(|_| HwError::Sim("poisoned".into()))?;
+        let l = lines.entry(key.clone()).or_default();
+        if l.requested {
+            return Err(HwError::Line {
+                chip: key.0.clone(),
+                line: key.1,
+                detail: "busy".into(),
+            });
+        }
+        l.requested = true;
+        setup(l);
+        Ok(())
     }
 }
 

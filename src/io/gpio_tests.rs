@@ -85,6 +85,15 @@ fn field(payload: &[u8], name: &str) -> f64 {
     v[name].as_f64().unwrap_or_else(|| panic!("{name} in {v}"))
 }
 
+/// Publishes `payload` on the pump's set topic.
+async fn command(cmd: &mut HubLink, payload: &'static str) {
+    let p = Bytes::from_static(payload.as_bytes());
+    cmd.client
+        .publish("io/pump/set".into(), p, QoS::AtLeastOnce, false)
+        .unwrap();
+    cmd.flush().await.unwrap();
+}
+
 const SEC: Duration = Duration::from_secs(1);
 
 #[tokio::test]
@@ -189,36 +198,14 @@ initial = "low"
     assert_eq!(r.sim.output_level("sim0", 27), Some(false));
 
     let mut cmd = watcher(&r, 2, "unused/#").await;
-    let mut send = |p: &'static str| {
-        cmd.client
-            .publish(
-                "io/pump/set".into(),
-                Bytes::from_static(p.as_bytes()),
-                QoS::AtLeastOnce,
-                false,
-            )
-            .unwrap();
-    };
-    send("on");
-    cmd.flush().await.unwrap();
+    command(&mut cmd, "on").await;
     let m = next_msg(&mut w, 2 * SEC).await.expect("state after on");
     assert_eq!(&m.payload[..], b"1");
     assert_eq!(r.sim.output_level("sim0", 27), Some(true));
 
     // Garbage changes nothing and reports nothing.
-    let mut send = |p: &'static str| {
-        cmd.client
-            .publish(
-                "io/pump/set".into(),
-                Bytes::from_static(p.as_bytes()),
-                QoS::AtLeastOnce,
-                false,
-            )
-            .unwrap();
-    };
-    send("maybe");
-    send("pulse:forever");
-    cmd.flush().await.unwrap();
+    command(&mut cmd, "maybe").await;
+    command(&mut cmd, "pulse:forever").await;
     assert!(next_msg(&mut w, Duration::from_millis(300)).await.is_none());
     assert_eq!(r.sim.output_level("sim0", 27), Some(true));
 
@@ -228,15 +215,7 @@ initial = "low"
     assert_eq!((&m.payload[..], m.retain), (&b"1"[..], true));
 
     // A pulse goes low for a while and comes back.
-    cmd.client
-        .publish(
-            "io/pump/set".into(),
-            Bytes::from_static(b"pulse:100ms"),
-            QoS::AtLeastOnce,
-            false,
-        )
-        .unwrap();
-    cmd.flush().await.unwrap();
+    command(&mut cmd, "pulse:100ms").await;
     let m = next_msg(&mut w, 2 * SEC).await.unwrap();
     assert_eq!(&m.payload[..], b"0");
     let m = next_msg(&mut w, 2 * SEC).await.unwrap();
