@@ -146,6 +146,9 @@ pub async fn run(
                         p.deframer = Deframer::new(p.framing, p.cfg.max_frame.0 as usize);
                         p.deframer.stats = counted;
                         retry_at = Some(tokio::time::Instant::now() + backoff);
+                        // A device that opens and fails at once must not be hammered (nor the
+                        // journal): data read resets this.
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                 },
                 _ = sleep_until_opt(idle_at) => {
