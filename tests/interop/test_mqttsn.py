@@ -17,6 +17,7 @@ import time
 import tty
 
 import pytest
+from wire import crc16
 from mqttsn12.client.MqttSnClient import MqttSnClient, MqttSnListener
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -319,16 +320,6 @@ def test_searchgw_and_puback_topic_id_byte_order(gw):
 # --- Serial: SLIP frames with CRC-16 over a pty ---------------------------------------------
 
 END, ESC, ESC_END, ESC_ESC = 0xC0, 0xDB, 0xDC, 0xDD
-
-
-def crc16(data):
-    crc = 0xFFFF
-    for b in data:
-        crc ^= b << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc
 
 
 def slip(msg):

@@ -21,6 +21,7 @@ import tty
 
 import paho.mqtt.client as mqtt
 import pytest
+from wire import crc16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.environ.get("OUTPOST_BIN", os.path.join(ROOT, "target", "debug", "outpost"))
@@ -197,16 +198,6 @@ class Sub:
     def lines(self):
         out, _ = self.p.communicate(timeout=TIMEOUT + 5)
         return [l for l in out.splitlines() if l]
-
-
-def crc16(data):
-    crc = 0xFFFF
-    for b in data:
-        crc ^= b << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc
 
 
 def len_crc16(body):
