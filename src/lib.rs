@@ -5,6 +5,7 @@
 //! and GPIO pins. See `ARCHITECTURE.md` for the data flows and the durability contract.
 //!
 //! # Layout
+//! - [`auth`] — password and ACL files in mosquitto's formats.
 //! - [`bridge`] — the uplink's sans-IO parts: bridge rules, outbox cursors, backoff and rate.
 //! - [`config`] — `outpost.toml` as serde structs, defaults, file:line:col errors.
 //! - [`proto`] — sans-IO protocol machines. [`proto::topic`] holds topic rules;
@@ -21,6 +22,7 @@
 //! - [`telemetry`] — tracing to the journal or stderr.
 //! - [`systemd`] — sd-notify.
 
+pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod hub;

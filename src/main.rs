@@ -1,4 +1,4 @@
-//! The `outpost` command: `run` and `check`. The only place that uses `anyhow`.
+//! The `outpost` command: `run`, `check` and `passwd`. The only place that uses `anyhow`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +31,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Create or update USER in a password file (mosquitto's format: mosquitto reads it, and
+    /// files from mosquitto_passwd work here). Prompts for the password on a terminal; reads
+    /// one line from stdin otherwise.
+    Passwd {
+        /// The password file; created if missing.
+        file: PathBuf,
+        /// The user name.
+        user: String,
+    },
 }
 
 fn load(path: Option<PathBuf>) -> anyhow::Result<Config> {
@@ -45,6 +54,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::Passwd { file, user } => passwd(&file, &user),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,6 +76,58 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     rt.block_on(outpost::server::run(config))?;
     // Connection tasks still parked on sockets must not hold up exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+fn passwd(file: &std::path::Path, user: &str) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if user.is_empty() || user.contains(':') {
+        anyhow::bail!("a user name must be non-empty and free of ':'");
+    }
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    };
+    // Refuse to rewrite a file we cannot read back: it would lose its other entries.
+    outpost::auth::Passwords::parse(&text)
+        .map_err(|(line, m)| anyhow::anyhow!("{}:{line}: {m}", file.display()))?;
+    let read_line = |prompt: &str| -> anyhow::Result<String> {
+        let tty = std::io::stdin().is_terminal();
+        if tty {
+            eprint!("{prompt}");
+            std::io::stderr().flush()?;
+            // No echo while typing; stty is on every Debian system.
+            let _ = std::process::Command::new("stty").arg("-echo").status();
+        }
+        let mut line = String::new();
+        let r = std::io::stdin().lock().read_line(&mut line);
+        if tty {
+            let _ = std::process::Command::new("stty").arg("echo").status();
+            eprintln!();
+        }
+        r.context("cannot read the password")?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    };
+    let password = read_line("Password: ")?;
+    if std::io::stdin().is_terminal() && read_line("Reenter password: ")? != password {
+        anyhow::bail!("the passwords do not match");
+    }
+    if password.is_empty() {
+        anyhow::bail!("an empty password is not allowed");
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let entry = outpost::auth::passwd::hash_entry(password.as_bytes(), &rng)?;
+    let new = outpost::auth::passwd::set_user(&text, user, &entry);
+    // Write beside and rename, so a crash leaves the old file or the new one, never half.
+    let tmp = file.with_extension("outpost-tmp");
+    std::fs::write(&tmp, new).with_context(|| format!("cannot write {}", tmp.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640));
+    }
+    std::fs::rename(&tmp, file).with_context(|| format!("cannot replace {}", file.display()))?;
+    eprintln!("{user}: password set in {}", file.display());
     Ok(())
 }
 
