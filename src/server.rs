@@ -11,6 +11,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
+use crate::auth::Passwords;
 use crate::bridge::rules::Rules;
 use crate::config::{self, Config, ListenerKind};
 use crate::hub::durable::Clock;
@@ -67,6 +68,9 @@ pub enum ServerError {
     /// The uplink could not be set up.
     #[error("uplink")]
     Uplink(#[from] crate::io::uplink::UplinkError),
+    /// The password file could not be read or parsed.
+    #[error("auth")]
+    Auth(#[from] crate::auth::AuthError),
     /// A GPIO chip or line could not be set up.
     #[error("GPIO")]
     Gpio(#[source] crate::hw::HwError),
@@ -233,11 +237,21 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         uplink_ports,
     ));
     let uplink_handle = uplink_task.map(tokio::spawn);
+    let passwords = match &config.auth.password_file {
+        Some(p) => {
+            let pw = Passwords::load(p)?;
+            tracing::info!(file = %p.display(), users = pw.len(), "password file loaded");
+            Some(Arc::new(pw))
+        }
+        None => None,
+    };
     let shared = Arc::new(ListenerShared {
         hub: hub_tx.clone(),
         limits: server_limits(&config),
         connections: Arc::new(Semaphore::new(config.limits.max_connections.get())),
         next_conn: AtomicU64::new(1),
+        passwords,
+        throttle: std::sync::Mutex::default(),
     });
     let mut accept_tasks = Vec::new();
     let sn_cfg = Arc::new(config.mqttsn.clone());
@@ -286,9 +300,14 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                         })?;
                 let addr = listener.local_addr().unwrap_or(l.addr());
                 tracing::info!(kind = "mqtt", %addr, "listening for MQTT 3.1, 3.1.1 and 5.0 on {addr}");
+                let anonymous = l.allows_anonymous();
+                if !anonymous {
+                    tracing::info!(%addr, "clients without a user name are refused on {addr}");
+                }
                 accept_tasks.push(tokio::spawn(mqtt_listener::serve(
                     listener,
                     shared.clone(),
+                    anonymous,
                     stop_rx.clone(),
                 )));
             }
@@ -304,6 +323,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 baud: Some(port.baud),
                 crc: None,
                 qos_minus_one: None,
+                allow_anonymous: None,
             };
             let t = Serial::open(&l).map_err(|source| ServerError::Serial {
                 device: port.device.clone(),

@@ -84,3 +84,88 @@ fn password_files_work_in_both_directions() {
         "and refuses a wrong password"
     );
 }
+
+/// CONNECT at `level` (4 or 5) with optional credentials.
+fn connect_with(level: u8, user: Option<&str>, password: Option<&str>) -> Vec<u8> {
+    use common::raw::{frame, s};
+    let mut flags = 0x02;
+    if user.is_some() {
+        flags |= 0x80;
+    }
+    if password.is_some() {
+        flags |= 0x40;
+    }
+    let mut body = s("MQTT");
+    body.extend([level, flags, 0, 60]);
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend(s("auth-test"));
+    if let Some(u) = user {
+        body.extend(s(u));
+    }
+    if let Some(p) = password {
+        body.extend(s(p));
+    }
+    frame(0x10, &body)
+}
+
+/// The CONNACK code outpost answers `connect` with, and whether it then closed.
+fn connack(o: &common::Outpost, connect: &[u8]) -> (u8, bool) {
+    let mut sock = o.connect_raw();
+    common::write(&mut sock, connect);
+    let (bytes, closed) = common::read_until_close(&mut sock, Duration::from_secs(10));
+    assert!(
+        bytes.len() >= 4 && bytes[0] == 0x20,
+        "CONNACK expected: {bytes:?}"
+    );
+    (bytes[3], closed)
+}
+
+#[test]
+fn logins_are_checked_with_the_right_codes_and_failures_slowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("passwd");
+    let made = Command::new(tool("mosquitto_passwd"))
+        .arg("-c")
+        .arg("-b")
+        .arg(&file)
+        .args(["alice", "s3cret"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // The first line lands in the base config's [[listener]] table.
+    let o = common::Outpost::start(&format!(
+        "allow_anonymous = false\n\n[auth]\npassword_file = \"{}\"\n",
+        file.display()
+    ));
+    assert!(publish_as(o.port, "alice", "s3cret"), "{}", o.log());
+    assert_eq!(
+        connack(&o, &connect_with(5, Some("alice"), Some("s3cret"))).0,
+        0
+    );
+    // Wrong password: 4 in 3.1.1, 0x86 in 5.0; no user name: 5 and 0x87. Each is closed.
+    assert_eq!(
+        connack(&o, &connect_with(4, Some("alice"), Some("nope"))),
+        (4, true)
+    );
+    assert_eq!(
+        connack(&o, &connect_with(5, Some("alice"), Some("nope"))),
+        (0x86, true)
+    );
+    assert_eq!(connack(&o, &connect_with(4, None, None)), (5, true));
+    let t = std::time::Instant::now();
+    assert_eq!(connack(&o, &connect_with(5, None, None)), (0x87, true));
+    // Three failures in a row from 127.0.0.1: the fourth attempt waited 1 s first.
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        connack(&o, &connect_with(5, Some("mallory"), Some("x"))).0,
+        0x86
+    );
+    assert!(o.log().contains("login refused"), "{}", o.log());
+    assert!(!publish_as(o.port, "alice", "wrong"));
+}

@@ -28,3 +28,137 @@ pub enum AuthError {
     #[error("the system random number generator failed")]
     Random,
 }
+
+/// Why a CONNECT is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Credentials were given and are wrong (v5 0x86, 3.1.1 code 4).
+    BadCredentials,
+    /// None were given where they are required (v5 0x87, 3.1.1 code 5).
+    NotAuthorized,
+}
+
+impl Refusal {
+    /// The CONNACK code for `v5` or 3.1/3.1.1.
+    pub fn code(self, v5: bool) -> u8 {
+        match (self, v5) {
+            (Refusal::BadCredentials, true) => 0x86,
+            (Refusal::BadCredentials, false) => 4,
+            (Refusal::NotAuthorized, true) => 0x87,
+            (Refusal::NotAuthorized, false) => 5,
+        }
+    }
+}
+
+/// Whether a CONNECT may log in, as mosquitto decides: a user name is checked against the
+/// password file whenever there is one; without a user name, only where anonymous access is
+/// allowed. Without a password file any user name is taken as given (there is nothing to check
+/// it against), unless the listener refuses anonymous clients, which config validation forbids.
+pub fn decide(
+    passwords: Option<&Passwords>,
+    allow_anonymous: bool,
+    username: Option<&str>,
+    password: Option<&[u8]>,
+) -> Result<(), Refusal> {
+    match (username, passwords) {
+        (Some(u), Some(p)) => {
+            if p.verify(u, password.unwrap_or_default()) {
+                Ok(())
+            } else {
+                Err(Refusal::BadCredentials)
+            }
+        }
+        (Some(_), None) if allow_anonymous => Ok(()),
+        (Some(_), None) => Err(Refusal::BadCredentials),
+        (None, _) if allow_anonymous => Ok(()),
+        (None, _) => Err(Refusal::NotAuthorized),
+    }
+}
+
+/// Slows down a source address that keeps failing to log in: after the n-th failure in a row
+/// it waits `BASE << (n-1)` (at most `MAX`) before its next attempt is even looked at. A
+/// success clears it. Sans-IO: time is an argument.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    sources: std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>,
+}
+
+impl Throttle {
+    pub const BASE: std::time::Duration = std::time::Duration::from_millis(250);
+    pub const MAX: std::time::Duration = std::time::Duration::from_secs(30);
+    /// Sources remembered; past it the table starts afresh (an attacker with that many
+    /// addresses is not slowed by a table anyway).
+    const CAPACITY: usize = 10_000;
+
+    /// When `ip` may next be heard, if it must wait.
+    pub fn wait_until(&self, ip: std::net::IpAddr) -> Option<std::time::Instant> {
+        self.sources.get(&ip).map(|(_, t)| *t)
+    }
+
+    /// Records a failure at `now`; returns the failures in a row.
+    pub fn failed(&mut self, ip: std::net::IpAddr, now: std::time::Instant) -> u32 {
+        if self.sources.len() >= Self::CAPACITY && !self.sources.contains_key(&ip) {
+            self.sources.clear();
+        }
+        let e = self.sources.entry(ip).or_insert((0, now));
+        e.0 = e.0.saturating_add(1);
+        let delay = Self::BASE
+            .checked_mul(1u32 << (e.0 - 1).min(16))
+            .unwrap_or(Self::MAX)
+            .min(Self::MAX);
+        e.1 = now + delay;
+        e.0
+    }
+
+    pub fn succeeded(&mut self, ip: std::net::IpAddr) {
+        self.sources.remove(&ip);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn decisions() {
+        let p = Passwords::parse(
+            "alice:$7$101$c+xQm/sooJXcEdfU$v6DWKsp9tYxjIMvjSOcdkBA0Ezha/bQvfk3YgLlAX65A/p1hTZP0WdV98skmko24jlRrQAKRCdtKJYe6VtvIVg==\n",
+        )
+        .unwrap();
+        let ok = Some(&b"secret"[..]);
+        assert_eq!(decide(Some(&p), false, Some("alice"), ok), Ok(()));
+        assert_eq!(decide(Some(&p), true, Some("alice"), ok), Ok(()));
+        let bad = Err(Refusal::BadCredentials);
+        assert_eq!(decide(Some(&p), true, Some("alice"), Some(b"x")), bad);
+        assert_eq!(decide(Some(&p), true, Some("alice"), None), bad);
+        assert_eq!(decide(Some(&p), true, Some("mallory"), ok), bad);
+        assert_eq!(decide(Some(&p), true, None, None), Ok(()));
+        assert_eq!(
+            decide(Some(&p), false, None, None),
+            Err(Refusal::NotAuthorized)
+        );
+        assert_eq!(decide(None, true, Some("anyone"), None), Ok(()));
+        assert_eq!(Refusal::BadCredentials.code(true), 0x86);
+        assert_eq!(Refusal::NotAuthorized.code(false), 5);
+    }
+
+    #[test]
+    fn throttle_doubles_and_clears() {
+        let t0 = Instant::now();
+        let ip = "10.0.0.9".parse().unwrap();
+        let mut t = Throttle::default();
+        assert_eq!(t.wait_until(ip), None);
+        t.failed(ip, t0);
+        assert_eq!(t.wait_until(ip), Some(t0 + Duration::from_millis(250)));
+        t.failed(ip, t0);
+        t.failed(ip, t0);
+        assert_eq!(t.wait_until(ip), Some(t0 + Duration::from_secs(1)));
+        for _ in 0..40 {
+            t.failed(ip, t0);
+        }
+        assert_eq!(t.wait_until(ip), Some(t0 + Throttle::MAX));
+        t.succeeded(ip);
+        assert_eq!(t.wait_until(ip), None);
+    }
+}

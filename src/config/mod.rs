@@ -75,6 +75,17 @@ pub struct Config {
     /// GPIO inputs and outputs.
     #[serde(default)]
     pub gpio: Gpio,
+    /// Who may log in.
+    #[serde(default)]
+    pub auth: Auth,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// A password file in mosquitto's format (`mosquitto_passwd` or `outpost passwd`).
+    pub password_file: Option<PathBuf>,
 }
 
 /// `synchronous` in `[store]`.
@@ -169,6 +180,10 @@ pub struct Listener {
     /// listeners use `[mqttsn] qos_minus_one_from`).
     #[serde(default)]
     pub qos_minus_one: Option<bool>,
+    /// Clients without a user name may connect. Defaults to true on loopback addresses and
+    /// false elsewhere; see `allows_anonymous`.
+    #[serde(default)]
+    pub allow_anonymous: Option<bool>,
 }
 
 impl Listener {
@@ -188,6 +203,12 @@ impl Listener {
 
     fn tcp(&self) -> bool {
         self.kind == ListenerKind::Mqtt
+    }
+
+    /// Whether clients without a user name get in: as written, else only on loopback.
+    pub fn allows_anonymous(&self) -> bool {
+        self.allow_anonymous
+            .unwrap_or(self.bind.map_or(true, |b| b.ip().is_loopback()))
     }
 }
 
@@ -270,6 +291,7 @@ impl Config {
                     baud: None,
                     crc: None,
                     qos_minus_one: None,
+                    allow_anonymous: None,
                 });
             }
         }
@@ -319,6 +341,9 @@ impl Config {
                         ));
                     }
                 }
+                ListenerKind::MqttSnSerial if l.allow_anonymous.is_some() => {
+                    return Err(here("`allow_anonymous` is for network listeners"));
+                }
                 ListenerKind::MqttSnSerial => {
                     if l.device.is_none() || l.bind.is_some() {
                         return Err(here("mqtt-sn-serial needs `device` (and no `bind`)"));
@@ -327,6 +352,29 @@ impl Config {
                         return Err(here("`baud` must be above 0"));
                     }
                 }
+            }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let Some(bind) = l.bind else { continue };
+            let pos = key_in_table(text, "[[listener]]", i, "allow_anonymous");
+            match l.kind {
+                ListenerKind::Mqtt
+                    if !l.allows_anonymous() && self.auth.password_file.is_none() =>
+                {
+                    return Err(invalid(path, text, pos, format!(
+                        "the listener on {bind} refuses anonymous clients{} and [auth] has no password_file, so nobody could log in: set password_file, or write allow_anonymous = true to open it",
+                        if l.allow_anonymous.is_none() { " (it is not on loopback)" } else { "" }
+                    )));
+                }
+                ListenerKind::MqttSn if l.allow_anonymous == Some(false) => {
+                    return Err(invalid(path, text, pos, "MQTT-SN clients have no user names: an mqtt-sn listener cannot refuse anonymous clients".into()));
+                }
+                ListenerKind::MqttSn if !l.allows_anonymous() => {
+                    return Err(invalid(path, text, pos, format!(
+                        "MQTT-SN has no passwords, so the listener on {bind} would be open to its network: write allow_anonymous = true if that is meant"
+                    )));
+                }
+                _ => {}
             }
         }
         if let Some((key, msg)) = self.mqttsn.problems() {
@@ -704,6 +752,25 @@ initial = "low"
         assert!(e.contains("configured twice"), "{e}");
         let e = err("[[gpio.input]]\nchip = \"c\"\nline = 1\ntopic = \"a/+\"\n");
         assert!(e.contains("key `topic`"), "{e}");
+        let e = err("[[listener]]\nkind = \"mqtt\"\nbind = \"0.0.0.0:1883\"\n");
+        assert!(
+            e.starts_with("t.toml:1:1:") && e.contains("nobody could log in"),
+            "{e}"
+        );
+        let e = err(
+            "[[listener]]\nkind = \"mqtt\"\nbind = \"127.0.0.1:1883\"\nallow_anonymous = false\n",
+        );
+        assert!(
+            e.starts_with("t.toml:4:1:") && e.contains("password_file"),
+            "{e}"
+        );
+        let e = err("[[listener]]\nkind = \"mqtt-sn\"\nbind = \"0.0.0.0:1884\"\n");
+        assert!(e.contains("MQTT-SN has no passwords"), "{e}");
+        // Written explicitly, an open listener is taken as meant.
+        let open = parse("[[listener]]\nkind = \"mqtt\"\nbind = \"0.0.0.0:1883\"\nallow_anonymous = true\n[[listener]]\nkind = \"mqtt-sn\"\nbind = \"0.0.0.0:1884\"\nallow_anonymous = true\n").unwrap();
+        assert!(open.listeners[0].allows_anonymous());
+        let closed = parse("[auth]\npassword_file = \"/etc/outpost/passwd\"\n[[listener]]\nkind = \"mqtt\"\nbind = \"0.0.0.0:1883\"\n").unwrap();
+        assert!(!closed.listeners[0].allows_anonymous());
         let e = err("this is not toml");
         assert!(e.starts_with("t.toml:1:"), "{e}");
         let e = err(

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::hub_task::{HubMsg, Link, LinkItem, LinkState, LINK_QUEUE};
 use super::sleep_until_opt;
+use crate::auth::{self, Passwords, Throttle};
 use crate::hub::{ConnId, HubInput};
 use crate::proto::mqtt::server::{CloseReason, InEvent, Inbound, Outbound, ServerLimits};
 use crate::proto::mqtt::{ConnAck, Packet, Version};
@@ -33,12 +34,17 @@ pub struct ListenerShared {
     pub limits: ServerLimits,
     pub connections: Arc<Semaphore>,
     pub next_conn: AtomicU64,
+    /// `[auth] password_file`, loaded.
+    pub passwords: Option<Arc<Passwords>>,
+    /// Failed logins by source address.
+    pub throttle: std::sync::Mutex<Throttle>,
 }
 
 /// Accepts connections until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<ListenerShared>,
+    allow_anonymous: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(5);
@@ -69,7 +75,7 @@ pub async fn serve(
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         tokio::spawn(async move {
-            connection(stream, peer, conn, shared).await;
+            connection(stream, peer, conn, shared, allow_anonymous).await;
             drop(permit);
         });
     }
@@ -80,6 +86,7 @@ async fn connection(
     peer: SocketAddr,
     conn: ConnId,
     shared: Arc<ListenerShared>,
+    allow_anonymous: bool,
 ) {
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(LINK_QUEUE);
@@ -90,7 +97,15 @@ async fn connection(
         wake: None,
     };
     let attached = std::sync::atomic::AtomicBool::new(false);
-    let mut reader = Box::pin(read_loop(&mut rd, peer, conn, &shared, link, &attached));
+    let mut reader = Box::pin(read_loop(
+        &mut rd,
+        peer,
+        conn,
+        &shared,
+        allow_anonymous,
+        link,
+        &attached,
+    ));
     let writer = write_loop(wr, rx, state, conn, &shared.hub);
     tokio::pin!(writer);
     let closed = tokio::select! {
@@ -166,6 +181,7 @@ async fn read_loop(
     peer: SocketAddr,
     conn: ConnId,
     shared: &ListenerShared,
+    allow_anonymous: bool,
     link: Link,
     attached: &std::sync::atomic::AtomicBool,
 ) -> (CloseReason, Option<Packet>) {
@@ -186,6 +202,19 @@ async fn read_loop(
                     connect,
                     keep_alive,
                 } => {
+                    if let Err(code) = login(shared, allow_anonymous, peer, &connect).await {
+                        let _ = link.tx.try_send(LinkItem::Configure {
+                            version: connect.version,
+                            alias_max: 0,
+                        });
+                        let ack = ConnAck {
+                            code,
+                            ..ConnAck::default()
+                        };
+                        let _ = link.tx.try_send(LinkItem::Packet(Packet::ConnAck(ack)));
+                        let _ = link.tx.try_send(LinkItem::Close);
+                        return (CloseReason::ServerClosed, None);
+                    }
                     let alias_max = connect.properties.topic_alias_maximum.unwrap_or(0);
                     let configure = LinkItem::Configure {
                         version: connect.version,
@@ -254,6 +283,46 @@ async fn read_loop(
                     return (reason, None);
                 }
             }
+        }
+    }
+}
+
+/// Checks a CONNECT's credentials, after any wait its source owes for earlier failures;
+/// returns the CONNACK code of a refusal.
+async fn login(
+    shared: &ListenerShared,
+    allow_anonymous: bool,
+    peer: SocketAddr,
+    connect: &crate::proto::mqtt::Connect,
+) -> Result<(), u8> {
+    let ip = peer.ip();
+    let wait = shared.throttle.lock().ok().and_then(|t| t.wait_until(ip));
+    if let Some(t) = wait {
+        tokio::time::sleep_until(Instant::from_std(t)).await;
+    }
+    let verdict = auth::decide(
+        shared.passwords.as_deref(),
+        allow_anonymous,
+        connect.username.as_deref(),
+        connect.password.as_deref(),
+    );
+    let Ok(mut throttle) = shared.throttle.lock() else {
+        return verdict.map_err(|r| r.code(connect.version.is_v5()));
+    };
+    match verdict {
+        Ok(()) => {
+            throttle.succeeded(ip);
+            Ok(())
+        }
+        Err(r) => {
+            let failures = throttle.failed(ip, Instant::now().into_std());
+            drop(throttle);
+            // The first few in full; then every tenth, so a brute force does not fill the
+            // journal either.
+            if failures <= 3 || failures % 10 == 0 {
+                tracing::warn!(%peer, user = connect.username.as_deref().unwrap_or(""), client = %connect.client_id, failures, reason = ?r, "login refused");
+            }
+            Err(r.code(connect.version.is_v5()))
         }
     }
 }
