@@ -140,7 +140,12 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
     println!("gateway id:   {}", c.gateway_id());
     println!("data dir:     {}", c.data_dir().display());
     for l in &c.listeners {
-        println!("listener:     {:?} on {}", l.kind, l.place());
+        let anonymous = match l.kind {
+            outpost::config::ListenerKind::MqttSnSerial => "",
+            _ if l.allows_anonymous() => " (anonymous allowed)",
+            _ => " (log in required)",
+        };
+        println!("listener:     {:?} on {}{anonymous}", l.kind, l.place());
     }
     let sn_used = c.listeners.iter().any(|l| {
         matches!(
@@ -242,6 +247,10 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
                     .map_or(String::new(), |s| format!(" state -> {s}"))
             );
         }
+    }
+    if let Some(p) = &c.auth.password_file {
+        let pw = outpost::auth::Passwords::load(p)?;
+        println!("auth:         {} ({} users)", p.display(), pw.len());
     }
     let l = &c.limits;
     println!(

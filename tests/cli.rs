@@ -39,9 +39,22 @@ fn check_accepts_embedded_defaults_and_a_good_file() {
         "[gateway]\nid = \"site-042\"\n[[listener]]\nkind = \"mqtt\"\nbind = \"0.0.0.0:1884\"\n",
     )
     .unwrap();
+    // Open to the network without saying so, and with no password file: refused.
+    let o = outpost(&["check", "--config", p.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nobody could log in"));
+    std::fs::write(
+        &p,
+        "[gateway]\nid = \"site-042\"\n[[listener]]\nkind = \"mqtt\"\nbind = \"0.0.0.0:1884\"\nallow_anonymous = true\n",
+    )
+    .unwrap();
     let o = outpost(&["check", "--config", p.to_str().unwrap()]);
     assert!(o.status.success());
-    assert!(String::from_utf8_lossy(&o.stdout).contains("site-042"));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("site-042") && out.contains("(anonymous allowed)"),
+        "{out}"
+    );
 }
 
 #[test]
