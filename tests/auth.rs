@@ -29,6 +29,18 @@ fn outpost_passwd(file: &std::path::Path, user: &str, password: &str) {
     );
 }
 
+/// A new password file with one user, made by mosquitto's own tool.
+fn mosquitto_passwd(file: &std::path::Path, user: &str, password: &str) {
+    let made = Command::new(tool("mosquitto_passwd"))
+        .arg("-c")
+        .arg("-b")
+        .arg(file)
+        .args([user, password])
+        .status()
+        .unwrap();
+    assert!(made.success());
+}
+
 fn publish_as(port: u16, user: &str, password: &str) -> bool {
     run(
         Command::new(tool("mosquitto_pub")).args([
@@ -52,14 +64,7 @@ fn publish_as(port: u16, user: &str, password: &str) -> bool {
 fn password_files_work_in_both_directions() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("passwd");
-    let made = Command::new(tool("mosquitto_passwd"))
-        .arg("-c")
-        .arg("-b")
-        .arg(&file)
-        .args(["alice", "s3cret"])
-        .status()
-        .unwrap();
-    assert!(made.success());
+    mosquitto_passwd(&file, "alice", "s3cret");
     let p = Passwords::load(&file).unwrap();
     assert!(p.verify("alice", b"s3cret"));
     assert!(!p.verify("alice", b"s3cre"));
@@ -126,14 +131,7 @@ fn connack(o: &common::Outpost, connect: &[u8]) -> (u8, bool) {
 fn logins_are_checked_with_the_right_codes_and_failures_slowed() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("passwd");
-    let made = Command::new(tool("mosquitto_passwd"))
-        .arg("-c")
-        .arg("-b")
-        .arg(&file)
-        .args(["alice", "s3cret"])
-        .status()
-        .unwrap();
-    assert!(made.success());
+    mosquitto_passwd(&file, "alice", "s3cret");
     // The first line lands in the base config's [[listener]] table.
     let o = common::Outpost::start(&format!(
         "allow_anonymous = false\n\n[auth]\npassword_file = \"{}\"\n",

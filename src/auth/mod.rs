@@ -29,6 +29,22 @@ pub enum AuthError {
     Random,
 }
 
+/// Reads `path` and parses it with `parse`, naming the file in any error.
+fn load_with<T>(
+    path: &std::path::Path,
+    parse: impl FnOnce(&str) -> Result<T, (usize, String)>,
+) -> Result<T, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text).map_err(|(line, message)| AuthError::Invalid {
+        path: path.to_owned(),
+        line,
+        message,
+    })
+}
+
 /// Why a CONNECT is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {

@@ -44,15 +44,7 @@ pub struct Passwords {
 
 impl Passwords {
     pub fn load(path: &Path) -> Result<Self, AuthError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|(line, message)| AuthError::Invalid {
-            path: path.to_owned(),
-            line,
-            message,
-        })
+        super::load_with(path, Self::parse)
     }
 
     /// Parses a file's text; an error names the 1-based line.
