@@ -183,36 +183,29 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
             );
         }
     }
-    for p in &c.serial {
-        match p.wire() {
-            None => println!(
-                "serial:       {} {} at {} baud: MQTT-SN gateway",
-                p.name,
-                p.device.display(),
-                p.baud
-            ),
-            Some(_) => println!(
-                "serial:       {} {} at {} baud {}{}{}: {:?} framing, {:?} decoder -> {} qos={} retain={}{}",
-                p.name,
-                p.device.display(),
-                p.baud,
-                p.data_bits,
-                match p.parity {
-                    outpost::config::Parity::None => "N",
-                    outpost::config::Parity::Odd => "O",
-                    outpost::config::Parity::Even => "E",
-                },
-                p.stop_bits,
-                p.framing,
-                p.decode,
-                p.topic_template(),
-                p.qos,
-                p.retain,
-                p.write_topic
-                    .as_ref()
-                    .map_or(String::new(), |w| format!(", writes from {w}"))
-            ),
-        }
+    // `framing = "mqtt-sn"` ports are listed above, as the listeners they became.
+    for p in c.serial.iter().filter(|p| p.wire().is_some()) {
+        println!(
+            "serial:       {} {} at {} baud {}{}{}: {:?} framing, {:?} decoder -> {} qos={} retain={}{}",
+            p.name,
+            p.device.display(),
+            p.baud,
+            p.data_bits,
+            match p.parity {
+                outpost::config::Parity::None => "N",
+                outpost::config::Parity::Odd => "O",
+                outpost::config::Parity::Even => "E",
+            },
+            p.stop_bits,
+            p.framing,
+            p.decode,
+            p.topic_template(),
+            p.qos,
+            p.retain,
+            p.write_topic
+                .as_ref()
+                .map_or(String::new(), |w| format!(", writes from {w}"))
+        );
     }
     let g = &c.gpio;
     if !g.input.is_empty() || !g.output.is_empty() {

@@ -315,29 +315,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     for (i, port) in config.serial.iter().enumerate() {
         if port.wire().is_none() {
-            // An MQTT-SN port is a gateway transport like an `mqtt-sn-serial` listener.
-            let l = config::Listener {
-                kind: ListenerKind::MqttSnSerial,
-                bind: None,
-                device: Some(port.device.clone()),
-                baud: Some(port.baud),
-                crc: None,
-                qos_minus_one: None,
-                allow_anonymous: None,
-            };
-            let t = Serial::open(&l).map_err(|source| ServerError::Serial {
-                device: port.device.clone(),
-                source,
-            })?;
-            tracing::info!(port = %port.name, place = %l.place(), "MQTT-SN 1.2 gateway on serial {}", l.place());
-            let index = config.listeners.len() + i;
-            let gw = Gateway::new(std::time::Instant::now(), gateway_config(&config, index));
-            accept_tasks.push(tokio::spawn(mqttsn::run(
-                t,
-                gw,
-                hub_tx.clone(),
-                stop_rx.clone(),
-            )));
+            // Started above: the config made it an `mqtt-sn-serial` listener.
             continue;
         }
         accept_tasks.push(tokio::spawn(serial::run(

@@ -295,6 +295,21 @@ impl Config {
                 });
             }
         }
+        // A `framing = "mqtt-sn"` port is an `mqtt-sn-serial` listener by another name: it
+        // becomes one here, so everything downstream knows one kind of MQTT-SN serial port.
+        for p in &self.serial {
+            if p.wire().is_none() {
+                self.listeners.push(Listener {
+                    kind: ListenerKind::MqttSnSerial,
+                    bind: None,
+                    device: Some(p.device.clone()),
+                    baud: Some(p.baud),
+                    crc: None,
+                    qos_minus_one: None,
+                    allow_anonymous: None,
+                });
+            }
+        }
     }
 
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
@@ -674,6 +689,9 @@ initial = "low"
         );
         assert_eq!(c.serial[1].topic_template(), "sensors/{name}/{key}");
         assert!(c.serial[2].wire().is_none());
+        let radio = c.listeners.last().unwrap();
+        assert_eq!(radio.kind, ListenerKind::MqttSnSerial);
+        assert_eq!(radio.device, Some(PathBuf::from("/dev/ttyAMA0")));
         assert_eq!(c.gpio.backend, GpioBackend::Linux);
         assert_eq!(c.gpio.input[1].mode, InputMode::Counter);
         assert_eq!(c.gpio.input[0].debounce.0.as_millis(), 20);
