@@ -241,9 +241,12 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
             );
         }
     }
-    if let Some(p) = &c.auth.password_file {
-        let pw = outpost::auth::Passwords::load(p)?;
+    let auth = outpost::server::load_auth(&c)?;
+    if let (Some(p), Some(pw)) = (&c.auth.password_file, &auth.passwords) {
         println!("auth:         {} ({} users)", p.display(), pw.len());
+    }
+    if let (Some(p), Some(acl)) = (&c.auth.acl_file, &auth.acl) {
+        println!("acl:          {} ({} rules)", p.display(), acl.len());
     }
     let l = &c.limits;
     println!(

@@ -11,7 +11,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
-use crate::auth::Passwords;
+use crate::auth::{Acl, Passwords};
 use crate::bridge::rules::Rules;
 use crate::config::{self, Config, ListenerKind};
 use crate::hub::durable::Clock;
@@ -146,7 +146,29 @@ pub fn hub_config(c: &Config) -> HubConfig {
         max_queued: c.limits.max_queued.get(),
         max_packet_size: c.limits.max_packet_size.0.min(u32::MAX as u64) as u32,
         topic_alias_maximum: c.limits.topic_alias_maximum,
+        acl: None,
     }
+}
+
+/// The password and ACL files named in `[auth]`, loaded whole: at start, by `outpost check`,
+/// and again at every reload (where an error keeps the old ones in force).
+pub fn load_auth(c: &Config) -> Result<AuthFiles, crate::auth::AuthError> {
+    let passwords = match &c.auth.password_file {
+        Some(p) => Some(Arc::new(Passwords::load(p)?)),
+        None => None,
+    };
+    let acl = match &c.auth.acl_file {
+        Some(p) => Some(Arc::new(Acl::load(p)?)),
+        None => None,
+    };
+    Ok(AuthFiles { passwords, acl })
+}
+
+/// What `[auth]` loads.
+#[derive(Debug, Clone, Default)]
+pub struct AuthFiles {
+    pub passwords: Option<Arc<Passwords>>,
+    pub acl: Option<Arc<Acl>>,
 }
 
 /// Each connection's limits from the config.
@@ -197,8 +219,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         commit_tx,
         rules.as_ref().map(|_| outbox_wake.clone()),
     );
+    let auth = load_auth(&config)?;
+    if let (Some(p), Some(pw)) = (&config.auth.password_file, &auth.passwords) {
+        tracing::info!(file = %p.display(), users = pw.len(), "password file loaded");
+    }
+    if let (Some(p), Some(acl)) = (&config.auth.acl_file, &auth.acl) {
+        tracing::info!(file = %p.display(), rules = acl.len(), "ACL file loaded");
+    }
     let clock = Clock::new(std::time::Instant::now(), unix_ms());
-    let mut hub = Hub::with_store(hub_config(&config), Box::new(link), clock);
+    let hub_cfg = HubConfig {
+        acl: auth.acl.clone(),
+        ..hub_config(&config)
+    };
+    let mut hub = Hub::with_store(hub_cfg, Box::new(link), clock);
     hub.restore(std::time::Instant::now(), restored);
     if let Some(r) = &rules {
         hub.set_uplink_rules(r.outs.clone());
@@ -237,20 +270,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         uplink_ports,
     ));
     let uplink_handle = uplink_task.map(tokio::spawn);
-    let passwords = match &config.auth.password_file {
-        Some(p) => {
-            let pw = Passwords::load(p)?;
-            tracing::info!(file = %p.display(), users = pw.len(), "password file loaded");
-            Some(Arc::new(pw))
-        }
-        None => None,
-    };
     let shared = Arc::new(ListenerShared {
         hub: hub_tx.clone(),
         limits: server_limits(&config),
         connections: Arc::new(Semaphore::new(config.limits.max_connections.get())),
         next_conn: AtomicU64::new(1),
-        passwords,
+        passwords: auth.passwords.clone(),
         throttle: std::sync::Mutex::default(),
     });
     let mut accept_tasks = Vec::new();

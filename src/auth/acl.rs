@@ -10,9 +10,14 @@
 //! pattern read cmd/%u/#
 //! ```
 //! Access is `read`, `write`, `readwrite` (the default) or `deny`. As in mosquitto, a matching
-//! `deny` wins over any grant, and what no rule grants is denied. A subscription is allowed when
-//! a readable rule covers the whole filter (`topic read a/#` allows `a/+/b`, not `#`); each
-//! delivery is checked again against the topic it carries. A `%u` or `%c` whose value holds
+//! `deny` wins over any grant, and what no rule grants is denied.
+//!
+//! Subscriptions: mosquitto 2 grants every subscription and only filters deliveries, so a client
+//! never learns that it will receive nothing. outpost refuses a subscription when a `deny` rule
+//! covers the whole filter, or when no readable rule could ever match a topic inside it (so
+//! `test/nosubscribe` under no rule is refused, as the Paho interoperability test expects). A
+//! filter that reaches some readable topics is granted (`topic read a/#` grants `#`), and each
+//! delivery is then checked against the topic it carries, as mosquitto does. A `%u` or `%c` whose value holds
 //! `/`, `+` or `#` makes its pattern match nothing: no client can widen its own rule.
 
 use std::collections::HashMap;
@@ -57,6 +62,15 @@ pub struct Acl {
 impl Acl {
     pub fn load(path: &Path) -> Result<Self, AuthError> {
         super::load_with(path, Self::parse)
+    }
+
+    /// How many rules it holds.
+    pub fn len(&self) -> usize {
+        self.anonymous.len() + self.patterns.len() + self.users.values().map(Vec::len).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Parses a file's text; an error names the 1-based line.
@@ -141,11 +155,15 @@ impl Acl {
             .map(|r| (r.perm, std::borrow::Cow::Borrowed(r.filter.as_str())))
             .chain(patterns.map(|(p, f)| (p, std::borrow::Cow::Owned(f))))
             .collect();
-        let hits = |filter: &str| match access {
-            Access::Subscribe => covers(filter, topic),
-            _ => topic::matches(filter, topic),
-        };
-        if rules.iter().any(|(p, f)| *p == Perm::Deny && hits(f)) {
+        let (denied_by, granted_by): (fn(&str, &str) -> bool, fn(&str, &str) -> bool) =
+            match access {
+                Access::Subscribe => (covers, overlaps),
+                _ => (topic::matches, topic::matches),
+            };
+        if rules
+            .iter()
+            .any(|(p, f)| *p == Perm::Deny && denied_by(f, topic))
+        {
             return false;
         }
         rules.iter().any(|(p, f)| {
@@ -153,7 +171,7 @@ impl Acl {
                 Access::Write => matches!(p, Perm::Write | Perm::ReadWrite),
                 Access::Read | Access::Subscribe => matches!(p, Perm::Read | Perm::ReadWrite),
             };
-            granted && hits(f)
+            granted && granted_by(f, topic)
         })
     }
 }
@@ -173,6 +191,27 @@ fn expand(filter: &str, client_id: &str, username: Option<&str>) -> Option<Strin
         out = out.replace("%u", u);
     }
     Some(out)
+}
+
+/// Whether some topic name matches both filters.
+fn overlaps(a: &str, b: &str) -> bool {
+    // A leading wildcard does not reach `$` topics; two literal first levels are compared below.
+    let dollar = |f: &str| f.starts_with('$');
+    let wild = |f: &str| f.starts_with('+') || f.starts_with('#');
+    if (dollar(a) && wild(b)) || (dollar(b) && wild(a)) {
+        return false;
+    }
+    let mut a = a.split('/');
+    let mut b = b.split('/');
+    loop {
+        match (a.next(), b.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(x), Some(y)) if x == y => {}
+            _ => return false,
+        }
+    }
 }
 
 /// Whether every topic `sub` can match is matched by `acl`.
@@ -254,19 +293,37 @@ pattern deny test/nosubscribe
     }
 
     #[test]
-    fn subscriptions_must_be_covered() {
-        let acl = Acl::parse("topic read a/#\ntopic read b/+/c\ntopic read $SYS/#\n").unwrap();
+    fn subscriptions_must_reach_something_readable() {
+        let acl = Acl::parse(
+            "topic read a/#\ntopic deny a/secret/#\ntopic read b/+/c\ntopic read $SYS/#\n",
+        )
+        .unwrap();
         let sub = |f| acl.check("c", None, f, Access::Subscribe);
         assert!(sub("a/#"));
         assert!(sub("a/+/x"));
         assert!(sub("a"));
-        assert!(!sub("#"));
-        assert!(!sub("+/x"));
+        // Wider than the grant: granted, and deliveries are filtered.
+        assert!(sub("#"));
+        assert!(sub("+/x"));
+        assert!(sub("b/#"));
+        assert!(sub("b/x/+"));
         assert!(sub("b/x/c"));
         assert!(sub("b/+/c"));
-        assert!(!sub("b/#"));
-        assert!(!sub("b/x/+"));
+        // Nothing readable inside: refused.
+        assert!(!sub("b/x/d"));
+        assert!(!sub("c/#"));
+        assert!(!sub("b/x/c/d"));
+        // Wholly inside a deny: refused; straddling it: granted.
+        assert!(!sub("a/secret/#"));
+        assert!(!sub("a/secret/x"));
+        assert!(sub("a/+/x"));
         assert!(sub("$SYS/broker/uptime"));
+        assert!(!Acl::parse("topic read a/#\n")
+            .unwrap()
+            .check("c", None, "$SYS/#", Access::Subscribe));
+        assert!(!Acl::parse("topic read $SYS/#\n")
+            .unwrap()
+            .check("c", None, "#", Access::Subscribe));
         let open = Acl::parse("topic read #\n").unwrap();
         assert!(!open.check("c", None, "$SYS/x", Access::Subscribe));
         assert!(!open.check("c", None, "$SYS/x", Access::Read));

@@ -86,6 +86,8 @@ pub struct Config {
 pub struct Auth {
     /// A password file in mosquitto's format (`mosquitto_passwd` or `outpost passwd`).
     pub password_file: Option<PathBuf>,
+    /// An ACL file in mosquitto's format. Without one, every client may do everything.
+    pub acl_file: Option<PathBuf>,
 }
 
 /// `synchronous` in `[store]`.

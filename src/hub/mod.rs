@@ -21,6 +21,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::{Access, Acl};
 use crate::bridge::rules::OutRule;
 use crate::proto::mqtt::server::CloseReason;
 use crate::proto::mqtt::SubOptions;
@@ -51,6 +52,9 @@ pub struct HubConfig {
     pub max_packet_size: u32,
     /// Topic aliases a client may use towards us (the listener enforces it).
     pub topic_alias_maximum: u16,
+    /// `[auth] acl_file`: what each client may publish, subscribe to and receive. None lets
+    /// everyone do everything, as mosquitto does without an ACL.
+    pub acl: Option<Arc<Acl>>,
 }
 
 impl Default for HubConfig {
@@ -60,6 +64,7 @@ impl Default for HubConfig {
             max_queued: 1000,
             max_packet_size: 1 << 20,
             topic_alias_maximum: 10,
+            acl: None,
         }
     }
 }
@@ -76,6 +81,8 @@ pub struct Stats {
     pub refused_full: u64,
     /// Messages put in the bridge outbox.
     pub outboxed: u64,
+    /// Publishes, subscriptions and deliveries the ACL refused.
+    pub denied: u64,
 }
 
 /// Where the hub's packets go. The runtime implements it with bounded channels.
@@ -404,6 +411,15 @@ impl Hub {
             HubInput::SetWill { conn, will } => self.on_set_will(conn, will),
             HubInput::Unconnected(mut p) => {
                 self.stats.received += 1;
+                // A sender without a session is anonymous, with no client id.
+                let denied = self.cfg.acl.as_ref().is_some_and(|acl| {
+                    !acl.check("", None, &p.topic, Access::Write)
+                });
+                if denied {
+                    self.stats.denied += 1;
+                    tracing::debug!(topic = %p.topic, "QoS -1 publish denied by the ACL");
+                    return;
+                }
                 p.qos = QoS::AtMostOnce;
                 let msg = Message::from_publish(p, Origin::Unconnected, now);
                 let mut routed = self.route(now, msg, out);
@@ -468,7 +484,14 @@ impl Hub {
         else {
             return;
         };
-        s.will = will;
+        s.will = will.filter(|w| {
+            let ok = s.may(&self.cfg, &w.topic, Access::Write);
+            if !ok {
+                self.stats.denied += 1;
+                tracing::warn!(client = %s.id, topic = %w.topic, "will topic denied by the ACL; the client has no will now");
+            }
+            ok
+        });
         if s.stored && self.persist.durable.is_some() {
             let row = stored_row(&self.persist.clock, s);
             self.persist.ops.push(Op::SessionPut(row));
@@ -691,6 +714,22 @@ impl Hub {
             Arc::from(c.client_id.as_str())
         };
 
+        let exempt = local::is_local(conn);
+        if let (Some(acl), Some(w), false) = (&self.cfg.acl, &c.will, exempt) {
+            // As mosquitto: a will the client could not publish refuses the connection, rather
+            // than failing silently when it is needed.
+            if !acl.check(&id, c.username.as_deref(), &w.topic, Access::Write) {
+                self.stats.denied += 1;
+                tracing::info!(client = %id, topic = %w.topic, "will topic denied by the ACL; refusing");
+                let code = if v.is_v5() {
+                    reason::NOT_AUTHORIZED
+                } else {
+                    reason::V3_NOT_AUTHORIZED
+                };
+                return refuse(out, code);
+            }
+        }
+
         let mut present = false;
         let old_conn = self.sessions.get(&id).and_then(|s| s.conn);
         if let Some(old_conn) = old_conn {
@@ -722,6 +761,8 @@ impl Hub {
             .or_insert_with(|| Session::new(id.clone(), v));
         s.conn = Some(conn);
         s.version = v;
+        s.username = c.username.as_deref().map(Arc::from);
+        s.acl_exempt = exempt;
         s.expiry = expiry;
         s.expires_at = None;
         s.will = c.will.clone();
@@ -951,7 +992,15 @@ impl Hub {
         let (qos, pid) = (p.qos, p.packet_id);
         let mut code = reason::SUCCESS;
         let mut routed = Routed::default();
-        if p.properties.payload_format_indicator == Some(1)
+        if !s.may(&self.cfg, &p.topic, Access::Write) {
+            // Dropped. v5 says so on the ack; 3.1.1 has no way to, and mosquitto acknowledges
+            // as if delivered, so a client does not resend it for ever.
+            self.stats.denied += 1;
+            tracing::debug!(client = %id, topic = %p.topic, "publish denied by the ACL");
+            if v.is_v5() {
+                code = reason::NOT_AUTHORIZED;
+            }
+        } else if p.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
         {
             // [MQTT-3.3.2-4] the server MAY check: we do, and refuse it.
@@ -1174,6 +1223,16 @@ impl Hub {
                 codes.push(reason::TOPIC_FILTER_INVALID);
                 continue;
             };
+            if !s.may(&self.cfg, parsed.filter, Access::Subscribe) {
+                self.stats.denied += 1;
+                tracing::debug!(client = %id, filter = %raw, "subscription denied by the ACL");
+                codes.push(if s.version.is_v5() {
+                    reason::NOT_AUTHORIZED
+                } else {
+                    reason::UNSPECIFIED_ERROR
+                });
+                continue;
+            }
             let entry = Sub {
                 options: *options,
                 id: sub_id,

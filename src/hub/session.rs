@@ -14,6 +14,7 @@ use super::durable::{from_row, Clock, Durable};
 use super::message::Message;
 use super::tree::Sub;
 use super::{ConnId, HubConfig, Outlet, Stats};
+use crate::auth::Access;
 use crate::proto::mqtt::{encode::encoded_len, Ack, Packet, Publish, QoS, Version, Will};
 use crate::store::Op;
 
@@ -120,6 +121,13 @@ pub struct Session {
     pub awaiting_acks: usize,
     /// The connection asked (PINGREQ) to hear once nothing is queued or in flight.
     pub idle_probe: bool,
+    /// Who the ACL sees: the user name of the current connection (MQTT-SN: the client id).
+    /// Set at every CONNECT; a session restored from the store gets it when its client is back,
+    /// which is also the first time anything is delivered to it.
+    pub username: Option<Arc<str>>,
+    /// outpost's own sessions (serial ports, GPIO) are configured by the same admin who writes
+    /// the ACL; they are not bound by it.
+    pub acl_exempt: bool,
 }
 
 impl Session {
@@ -147,6 +155,18 @@ impl Session {
             last_row: 0,
             uncommitted_tail: 0,
             awaiting_acks: 0,
+            username: None,
+            acl_exempt: false,
+        }
+    }
+
+    /// Whether the ACL in `cfg` lets this session do `access` on `topic`.
+    pub fn may(&self, cfg: &HubConfig, topic: &str, access: Access) -> bool {
+        match &cfg.acl {
+            Some(acl) if !self.acl_exempt => {
+                acl.check(&self.id, self.username.as_deref(), topic, access)
+            }
+            _ => true,
         }
     }
 
@@ -331,6 +351,16 @@ impl Session {
                 }
                 self.queue.pop_front();
                 stats.expired += 1;
+                continue;
+            }
+            if !self.may(cfg, &front.msg.topic, Access::Read) {
+                // Checked at delivery as well as at subscribe: a `deny` inside a granted
+                // filter, a retained message, or a queue from before an ACL reload.
+                if let Some(row) = front.row {
+                    p.ops.push(Op::Delete(row));
+                }
+                self.queue.pop_front();
+                stats.denied += 1;
                 continue;
             }
             let qos = front.qos;

@@ -626,7 +626,9 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
             keep_alive,
             client_id: c.id.clone(),
             will: c.will.will(),
-            username: None,
+            // MQTT-SN has no user names: the ACL's `user <client id>` section, and `%u`,
+            // apply to a sensor by its client id.
+            username: Some(c.id.clone()),
             password: None,
             properties: props,
         };
