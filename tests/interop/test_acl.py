@@ -32,6 +32,7 @@ topic write clients/#
 
 user bob
 topic read site/#
+topic deny site/private/#
 
 # everyone, with their own names
 pattern readwrite devices/%u/%c/#
@@ -184,12 +185,20 @@ def test_filtered_at_delivery(broker):
     # bob may read site/#; his session is persistent and goes offline.
     bob = Client(broker.port, "bob-q", False, "bob", "b-pass", clean=False)
     assert bob.sub("site/#") == [1]
+    assert alice.pub("site/private/x", "not for bob", retain=True) in (0, 0x10)
     assert bob.topics() == [("site/open", "retained")]
     bob.close()
+    assert alice.pub("site/private/y", "not for bob either") in (0, 0x10)
     assert alice.pub("site/queued", "while away") in (0, 0x10)
     assert alice.pub("site/secret", "never") == 0x87
     bob = Client(broker.port, "bob-q", False, "bob", "b-pass", clean=False)
     assert bob.topics() == [("site/queued", "while away")]
     bob.close()
+    # bob's retained-message replay skips the private one too.
+    bob = Client(broker.port, "bob-r", True, "bob", "b-pass")
+    assert bob.sub("site/#") == [1]
+    assert bob.topics() == [("site/open", "retained")]
+    bob.close()
     alice.pub("site/open", "", retain=True)
+    alice.pub("site/private/x", "", retain=True)
     alice.close()
