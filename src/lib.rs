@@ -30,6 +30,7 @@ pub mod hw;
 pub mod io;
 pub mod proto;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;

@@ -31,6 +31,19 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Show what a running outpost is doing: the uplink, the backlog, clients, ports and pins.
+    /// Reads the daemon's control socket (from the config, or --socket).
+    Status {
+        /// Path to outpost.toml (to find the socket).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The control socket, overriding the config.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the whole report as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create or update USER in a password file (mosquitto's format: mosquitto reads it, and
     /// files from mosquitto_passwd work here). Prompts for the password on a terminal; reads
     /// one line from stdin otherwise.
@@ -54,6 +67,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => status(config, socket, json),
         Command::Passwd { file, user } => passwd(&file, &user),
     };
     match result {
@@ -65,17 +83,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let config = load(config)?;
+fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = load(path.clone())?;
     let sink = outpost::telemetry::init();
     tracing::debug!(sink, "logging initialised");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(outpost::server::run(config))?;
+    rt.block_on(outpost::server::run(config, path))?;
     // Connection tasks still parked on sockets must not hold up exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+fn status(config: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let path = match socket {
+        Some(s) => s,
+        None => load(config)?.control_socket(),
+    };
+    let report = outpost::io::control::request_status(&path).with_context(|| {
+        format!(
+            "cannot read the status from {} (is outpost running, and may you open its socket?)",
+            path.display()
+        )
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", outpost::status::human(&report));
+    }
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! close connections, stop.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,9 @@ use crate::config::{self, Config, ListenerKind};
 use crate::hub::durable::Clock;
 use crate::hub::local::LOCAL_CONN_BASE;
 use crate::hub::{Hub, HubConfig, Restored};
-use crate::io::hub_task::{self, HubMsg, HUB_QUEUE};
+use crate::io::control;
+use crate::io::hub_task::{self, HubMsg, Reporting, HUB_QUEUE};
+use crate::status::Board;
 use crate::io::mqtt_listener::{self, ListenerShared};
 use crate::io::mqttsn;
 use crate::io::mqttsn_serial::Serial;
@@ -26,7 +29,7 @@ use crate::io::store_link::{StoreLink, COMMITS_QUEUE};
 use crate::io::uplink::{self, UplinkSetup};
 use crate::io::{gpio, serial};
 use crate::proto::mqtt::server::ServerLimits;
-use crate::proto::mqttsn::gateway::{Gateway, GatewayConfig, Predefined};
+use crate::proto::mqttsn::gateway::{Gateway, GatewayConfig, Predefined, SN_CONN_BASE};
 use crate::store::{self, Store, StoreConfig, StoreError};
 use crate::systemd;
 
@@ -74,6 +77,12 @@ pub enum ServerError {
     /// A GPIO chip or line could not be set up.
     #[error("GPIO")]
     Gpio(#[source] crate::hw::HwError),
+    /// The control socket could not be bound.
+    #[error("cannot bind the control socket {path}")]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A serial port for MQTT-SN could not be opened.
     #[error("cannot open serial port {device}")]
     Serial {
@@ -101,7 +110,7 @@ pub fn gateway_config(c: &Config, index: usize) -> GatewayConfig {
         retry_count: sn.retry.count,
         advertise: sn.advertise.as_ref().map(|a| a.interval.0),
         max_clients: sn.max_clients.get(),
-        conn_base: (1 << 62) + ((index as u64) << 40),
+        conn_base: SN_CONN_BASE + ((index as u64) << 40),
     }
 }
 
@@ -181,11 +190,14 @@ pub fn server_limits(c: &Config) -> ServerLimits {
     }
 }
 
-/// Runs outpost until a termination signal.
-pub async fn run(config: Config) -> Result<(), ServerError> {
+/// Runs outpost until a termination signal. `source` is the config file, read again on SIGHUP.
+pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
+    let started = tokio::time::Instant::now();
+    let board = Arc::new(Board::default());
 
     let data_dir = config.data_dir();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
@@ -262,12 +274,21 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         }
         _ => (None, None),
     };
+    let sys_interval = Some(config.gateway.sys_interval.0).filter(|d| !d.is_zero());
+    let reporting = Reporting {
+        board: board.clone(),
+        store: Some(store.clone()),
+        gateway_id: gateway.clone(),
+        started,
+        sys_interval,
+    };
     let hub_handle = tokio::spawn(hub_task::run(
         hub,
         hub_rx,
         commit_rx,
         SHUTDOWN_GRACE,
         uplink_ports,
+        reporting,
     ));
     let uplink_handle = uplink_task.map(tokio::spawn);
     let shared = Arc::new(ListenerShared {
@@ -275,7 +296,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         limits: server_limits(&config),
         connections: Arc::new(Semaphore::new(config.limits.max_connections.get())),
         next_conn: AtomicU64::new(1),
-        passwords: auth.passwords.clone(),
+        passwords: std::sync::RwLock::new(auth.passwords.clone()),
+        board: board.clone(),
         throttle: std::sync::Mutex::default(),
     });
     let mut accept_tasks = Vec::new();
@@ -367,6 +389,18 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             "local-only".to_owned()
         }
     };
+    let control_path = config.control_socket();
+    let control = control::bind(&control_path).map_err(|source| ServerError::Control {
+        path: control_path.clone(),
+        source,
+    })?;
+    tracing::info!(path = %control_path.display(), "control socket for `outpost status`");
+    accept_tasks.push(tokio::spawn(control::serve(
+        control,
+        control_path,
+        hub_tx.clone(),
+        stop_rx.clone(),
+    )));
     systemd::ready(&format!(
         "{} listener(s) up; {mode}",
         config.listeners.len()
@@ -387,9 +421,30 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         })
     });
 
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut running = config.clone();
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: shutting down");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: shutting down");
+                break;
+            }
+            _ = hup.recv() => {
+                systemd::reloading();
+                let outcome = reload(source.as_deref(), &mut running, &shared, &hub_tx).await;
+                match &outcome {
+                    Ok(note) => tracing::info!("SIGHUP: reloaded; {note}"),
+                    Err(e) => tracing::error!("SIGHUP: reload refused, the running configuration stays: {e}"),
+                }
+                systemd::ready(&match outcome {
+                    Ok(_) => "reloaded".to_owned(),
+                    Err(e) => format!("reload refused: {e}"),
+                });
+            }
+        }
     }
     systemd::stopping();
     let _ = stop_tx.send(true);
@@ -418,6 +473,94 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reads the config file again and applies what can change while running: the password and
+/// ACL files, and the uplink's `[[out]]` rules. Everything is loaded and checked before anything
+/// is applied, so a broken file changes nothing. Settings that need sockets or devices reopened
+/// are named in the result as waiting for a restart.
+async fn reload(
+    source: Option<&std::path::Path>,
+    running: &mut Config,
+    shared: &ListenerShared,
+    hub: &mpsc::Sender<HubMsg>,
+) -> Result<String, String> {
+    let Some(path) = source else {
+        return Err("running on embedded defaults: there is no file to reload".into());
+    };
+    let new = Config::load(path).map_err(|e| e.to_string())?;
+    let auth = load_auth(&new).map_err(|e| e.to_string())?;
+    let gateway = new.gateway_id();
+    let rules = match &new.uplink {
+        Some(u) => Some(
+            Rules::load_dir(&u.rules_dir, &gateway)
+                .map_err(|e| format!("bridge rules in {}: {e}", u.rules_dir.display()))?,
+        ),
+        None => None,
+    };
+    let mut restart = Vec::new();
+    let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    let sections: [(&str, String, String); 8] = [
+        ("[gateway]", dbg(&running.gateway), dbg(&new.gateway)),
+        ("[[listener]]", dbg(&running.listeners), dbg(&new.listeners)),
+        ("[limits]", dbg(&running.limits), dbg(&new.limits)),
+        ("[store]", dbg(&running.store), dbg(&new.store)),
+        ("[uplink]", dbg(&running.uplink), dbg(&new.uplink)),
+        ("[mqttsn]", dbg(&running.mqttsn), dbg(&new.mqttsn)),
+        ("[[serial]]", dbg(&running.serial), dbg(&new.serial)),
+        ("[gpio]", dbg(&running.gpio), dbg(&new.gpio)),
+    ];
+    for (name, old, now) in sections {
+        if old != now {
+            restart.push(name.to_owned());
+        }
+    }
+    // `[[out]]` rules take effect at once when they keep to the priorities the uplink already
+    // drains; `[[in]]` rules are subscriptions on the cloud session, made at connect.
+    let mut outs = None;
+    if let (Some(new_rules), Some(_)) = (&rules, &running.uplink) {
+        let old = running
+            .uplink
+            .as_ref()
+            .and_then(|u| Rules::load_dir(&u.rules_dir, &running.gateway_id()).ok());
+        let known: std::collections::BTreeSet<u8> = old
+            .as_ref()
+            .map(|r| r.outs.iter().map(|o| o.priority).collect())
+            .unwrap_or_default();
+        if new_rules.outs.iter().all(|o| known.contains(&o.priority)) {
+            outs = Some(new_rules.outs.clone());
+        } else {
+            restart.push("bridge rules (a new priority)".into());
+        }
+        if old.as_ref().map(|r| format!("{:?}", r.ins)) != Some(format!("{:?}", new_rules.ins)) {
+            restart.push("bridge [[in]] rules".into());
+        }
+    }
+    if let Ok(mut p) = shared.passwords.write() {
+        *p = auth.passwords.clone();
+    }
+    let acl_rules = auth.acl.as_ref().map_or(0, |a| a.len());
+    let users = auth.passwords.as_ref().map_or(0, |p| p.len());
+    let out_rules = outs.as_ref().map(Vec::len);
+    hub.send(HubMsg::Reconfigure {
+        acl: auth.acl,
+        outs,
+    })
+    .await
+    .map_err(|_| "the hub has stopped".to_owned())?;
+    running.auth = new.auth.clone();
+    if restart.is_empty() {
+        Ok(format!(
+            "{users} users, {acl_rules} ACL rules{}",
+            out_rules.map_or(String::new(), |n| format!(", {n} out rules"))
+        ))
+    } else {
+        tracing::warn!(changed = %restart.join(", "), "these changes take effect at the next restart");
+        Ok(format!(
+            "{users} users, {acl_rules} ACL rules; waiting for a restart: {}",
+            restart.join(", ")
+        ))
+    }
 }
 
 /// Wall-clock Unix milliseconds, read once at startup to anchor the hub's clock.

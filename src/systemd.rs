@@ -1,4 +1,5 @@
-//! sd-notify: READY=1 once listeners are bound, STATUS= lines, WATCHDOG=1 while the hub answers,
+//! sd-notify: READY=1 once listeners are bound (and after each reload, which RELOADING=1 opens),
+//! STATUS= lines, WATCHDOG=1 while the hub answers,
 //! STOPPING=1 on shutdown. Every call is a no-op when NOTIFY_SOCKET is unset.
 
 use std::time::Duration;
@@ -13,6 +14,16 @@ pub fn ready(status: &str) {
 /// Updates the status line `systemctl status` shows.
 pub fn status(status: &str) {
     notify(&[NotifyState::Status(status)]);
+}
+
+/// Tells systemd a reload has begun (`Type=notify-reload` and `ExecReload=` both expect READY=1
+/// again when it is done), stamped with CLOCK_MONOTONIC as systemd asks.
+pub fn reloading() {
+    let mut states = vec![NotifyState::Reloading, NotifyState::Status("reloading")];
+    if let Ok(stamp) = NotifyState::monotonic_usec_now() {
+        states.push(stamp);
+    }
+    notify(&states);
 }
 
 /// Tells systemd we are stopping.

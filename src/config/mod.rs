@@ -140,13 +140,34 @@ impl Default for StoreSection {
 }
 
 /// `[gateway]`: who this gateway is and where it keeps its data.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Gateway {
     /// Defaults to the hostname.
     pub id: Option<String>,
     /// Defaults to `$STATE_DIRECTORY` under systemd, else `./outpost-data`.
     pub data_dir: Option<PathBuf>,
+    /// The Unix socket `outpost status` reads. Defaults to `$RUNTIME_DIRECTORY/control.sock`
+    /// under systemd, else `control.sock` in the data directory.
+    pub control_socket: Option<PathBuf>,
+    /// How often `$SYS` topics are published (mosquitto's `sys_interval`); "0s" turns them off.
+    #[serde(default = "default_sys_interval")]
+    pub sys_interval: Duration,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Gateway {
+            id: None,
+            data_dir: None,
+            control_socket: None,
+            sys_interval: default_sys_interval(),
+        }
+    }
+}
+
+fn default_sys_interval() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
 }
 
 /// The kinds of listener.
@@ -486,6 +507,19 @@ impl Config {
             .map(|h| h.trim().to_owned())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "outpost".into())
+    }
+
+    /// The control socket in force.
+    pub fn control_socket(&self) -> PathBuf {
+        if let Some(p) = &self.gateway.control_socket {
+            return p.clone();
+        }
+        match std::env::var("RUNTIME_DIRECTORY") {
+            Ok(s) if !s.is_empty() => {
+                PathBuf::from(s.split(':').next().unwrap_or(&s)).join("control.sock")
+            }
+            _ => self.data_dir().join("control.sock"),
+        }
     }
 
     /// The data directory in force.

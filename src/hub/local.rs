@@ -28,7 +28,7 @@ pub const LOCAL_CONN_BASE: ConnId = 1 << 61;
 
 /// Whether `conn` is an in-process client.
 pub fn is_local(conn: ConnId) -> bool {
-    (LOCAL_CONN_BASE..1 << 62).contains(&conn)
+    (LOCAL_CONN_BASE..crate::proto::mqttsn::gateway::SN_CONN_BASE).contains(&conn)
 }
 
 /// The client id prefix only in-process clients may use.

@@ -245,6 +245,27 @@ impl Hub {
 
     /// Sends messages matching `outs` to the uplink: through the outbox (upstream QoS 1/2, or
     /// QoS 0 rules that buffer) or live (QoS 0).
+    /// A new ACL (or none) from a reload: it applies to every check from now on, deliveries
+    /// already queued included.
+    pub fn set_acl(&mut self, acl: Option<Arc<Acl>>) {
+        self.cfg.acl = acl;
+    }
+
+    /// Connected clients: (MQTT, MQTT-SN, outpost's own ports and pins).
+    pub fn connected_by_kind(&self) -> (usize, usize, usize) {
+        let mut k = (0, 0, 0);
+        for &c in self.conns.keys() {
+            if c >= crate::proto::mqttsn::gateway::SN_CONN_BASE {
+                k.1 += 1;
+            } else if local::is_local(c) {
+                k.2 += 1;
+            } else {
+                k.0 += 1;
+            }
+        }
+        k
+    }
+
     pub fn set_uplink_rules(&mut self, outs: Vec<OutRule>) {
         self.outs = outs;
     }
@@ -322,6 +343,11 @@ impl Hub {
         }
         for rt in r.retained {
             if rt.expires_ms.is_some_and(|e| e <= now_ms) {
+                continue;
+            }
+            if is_volatile(&rt.topic) {
+                // Written by an older version; a status from a previous run is a lie now.
+                self.persist.ops.push(Op::RetainDelete(rt.topic.clone()));
                 continue;
             }
             if let Some(m) = durable::from_retained(&rt, &self.persist.clock, now) {
@@ -1062,15 +1088,16 @@ impl Hub {
     pub fn route(&mut self, now: Instant, msg: Arc<Message>, out: &mut dyn Outlet) -> Routed {
         let mut routed = Routed::default();
         let durable = self.persist.durable.is_some();
+        let keep_retained = durable && !is_volatile(&msg.topic);
         if msg.retain {
             if msg.payload.is_empty() {
                 self.retained.remove(&msg.topic);
-                if durable {
+                if keep_retained {
                     routed.ops.push(Op::RetainDelete(msg.topic.clone()));
                 }
             } else {
                 self.retained.set(msg.clone());
-                if durable {
+                if keep_retained {
                     let row = durable::retained_row(&msg, &self.persist.clock);
                     routed.ops.push(Op::RetainSet(row));
                 }
@@ -1453,6 +1480,12 @@ impl Hub {
 }
 
 /// A session's row as the store keeps it, from its state now.
+/// `$SYS/` topics describe this run: kept retained in memory, never written to the store, so a
+/// status refresh every few seconds costs the SD card nothing and a restart shows no stale one.
+fn is_volatile(topic: &str) -> bool {
+    topic.starts_with("$SYS/")
+}
+
 fn stored_row(clock: &Clock, s: &Session) -> StoredSession {
     let (will, will_due_ms) = match (&s.pending_will, &s.will) {
         (Some(p), _) => (

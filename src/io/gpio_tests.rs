@@ -37,6 +37,7 @@ async fn rig(toml: &str) -> Rig {
         commits_rx,
         Duration::from_secs(1),
         None,
+        hub_task::Reporting::none(),
     ));
     let sim = Sim::new();
     let pins = open_with(&sim, &gpio(toml)).unwrap();

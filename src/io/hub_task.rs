@@ -1,5 +1,6 @@
 //! The task that owns the `Hub`: it feeds inputs from a bounded channel, fires the hub's timers,
-//! and implements `Outlet` over each connection's bounded link.
+//! implements `Outlet` over each connection's bounded link, publishes `$SYS` on its interval and
+//! answers status reports.
 //!
 //! Buffers and their policy when full:
 //! - the hub's input channel (`HUB_QUEUE`): senders wait, so a busy hub slows the readers that
@@ -19,7 +20,8 @@ use tokio::time::Instant;
 use super::sleep_until_opt;
 use crate::hub::{ConnId, Hub, HubInput, Outlet};
 use crate::proto::mqtt::{Packet, Publish, QoS, Version};
-use crate::store::Outcome;
+use crate::status::{self, Board};
+use crate::store::{Outcome, Store};
 use crate::systemd;
 
 /// How often the STATUS= line that `systemctl status` shows is refreshed.
@@ -126,6 +128,96 @@ pub enum HubMsg {
     Input(HubInput),
     /// Publish wills, close every connection, then answer.
     Shutdown(oneshot::Sender<()>),
+    /// The status report, for `outpost status`.
+    Report(oneshot::Sender<serde_json::Value>),
+    /// A reload: the new ACL (None: none) and uplink `[[out]]` rules (None: unchanged).
+    Reconfigure {
+        acl: Option<Arc<crate::auth::Acl>>,
+        outs: Option<Vec<crate::bridge::rules::OutRule>>,
+    },
+}
+
+/// What the hub task reports from besides the hub: `$SYS` and `outpost status`.
+pub struct Reporting {
+    pub board: Arc<Board>,
+    pub store: Option<Arc<Store>>,
+    pub gateway_id: String,
+    pub started: Instant,
+    /// How often `$SYS` topics are published; None: never.
+    pub sys_interval: Option<Duration>,
+}
+
+impl Reporting {
+    /// A minimal one, for tests that run the hub task alone.
+    pub fn none() -> Self {
+        Reporting {
+            board: Arc::default(),
+            store: None,
+            gateway_id: String::new(),
+            started: Instant::now(),
+            sys_interval: None,
+        }
+    }
+}
+
+/// Outbox drain rate between two reports.
+#[derive(Default)]
+struct Rate {
+    last: Option<(Instant, u64)>,
+    per_s: f64,
+}
+
+impl Rate {
+    fn update(&mut self, now: Instant, delivered: u64) -> f64 {
+        if let Some((t, d)) = self.last {
+            let dt = now.duration_since(t).as_secs_f64();
+            // Too close to the last sample to say anything new.
+            if dt < 1.0 {
+                return self.per_s;
+            }
+            self.per_s = delivered.saturating_sub(d) as f64 / dt;
+        }
+        self.last = Some((now, delivered));
+        self.per_s
+    }
+}
+
+fn build_report(hub: &Hub, rep: &Reporting, links: &Links, rate: &mut Rate) -> serde_json::Value {
+    let (mqtt, sn, local) = hub.connected_by_kind();
+    let now = Instant::now();
+    let delivered = rep.board.uplink_delivered.load(Ordering::Relaxed);
+    let store = rep.store.as_deref();
+    let inputs = status::Inputs {
+        version: env!("CARGO_PKG_VERSION"),
+        gateway_id: rep.gateway_id.clone(),
+        uptime_s: now.duration_since(rep.started).as_secs(),
+        now_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+        clients_mqtt: mqtt,
+        clients_mqttsn: sn,
+        clients_local: local,
+        sessions: hub.sessions(),
+        retained: hub.retained(),
+        hub: hub.stats().clone(),
+        store: store.map(Store::totals).unwrap_or_default(),
+        outbox: store
+            .and_then(|s| match s.outbox_summary() {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the outbox size");
+                    None
+                }
+            })
+            .unwrap_or_default(),
+        uplink_live_dropped: links
+            .1
+            .as_ref()
+            .map_or(0, |u| u.live_dropped.load(Ordering::Relaxed)),
+        drain_per_s: rate.update(now, delivered),
+    };
+    status::report(&inputs, &rep.board)
 }
 
 /// The hub's handles on the uplink driver.
@@ -212,6 +304,15 @@ fn unwrap_packet(item: LinkItem) -> Packet {
     }
 }
 
+async fn tick_opt(i: &mut Option<tokio::time::Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs the hub until a `Shutdown` message has been handled and every connection has gone (or
 /// `grace` has passed).
 pub async fn run(
@@ -220,8 +321,11 @@ pub async fn run(
     mut commits: mpsc::Receiver<(u64, Outcome)>,
     grace: Duration,
     uplink: Option<UplinkPorts>,
+    rep: Reporting,
 ) {
     let mut links = Links(HashMap::new(), uplink);
+    let mut rate = Rate::default();
+    let mut sys = rep.sys_interval.map(tokio::time::interval);
     let mut done: Option<(oneshot::Sender<()>, Instant)> = None;
     let mut status = tokio::time::interval(STATUS_EVERY);
     let mut uplink_now = if links.1.is_some() {
@@ -250,6 +354,15 @@ pub async fn run(
                 systemd::status(&status_line(&hub, &uplink_now));
                 continue;
             }
+            _ = tick_opt(&mut sys), if done.is_none() => {
+                let report = build_report(&hub, &rep, &links, &mut rate);
+                let now = Instant::now().into_std();
+                for (topic, payload) in status::sys_topics(&report) {
+                    let input = HubInput::System { topic, payload: payload.into(), retain: true };
+                    hub.handle(now, input, &mut links);
+                }
+                continue;
+            }
         };
         let Some(msg) = msg else { break };
         let now = Instant::now().into_std();
@@ -270,6 +383,15 @@ pub async fn run(
                 hub.handle(now, input, &mut links);
                 if let Some(c) = closed {
                     links.0.remove(&c);
+                }
+            }
+            HubMsg::Report(reply) => {
+                let _ = reply.send(build_report(&hub, &rep, &links, &mut rate));
+            }
+            HubMsg::Reconfigure { acl, outs } => {
+                hub.set_acl(acl);
+                if let Some(outs) = outs {
+                    hub.set_uplink_rules(outs);
                 }
             }
             HubMsg::Shutdown(reply) => {

@@ -1,6 +1,7 @@
 //! Adapters: the only code that touches sockets and devices. Each one reads bytes, hands them to a sans-IO
 //! machine with the current time, and writes what the machine asks for.
 //!
+//! - `control`: the Unix control socket `outpost status` reads the report from.
 //! - `hub_task`: the tokio task that owns the `Hub`, and the bounded links to connections.
 //! - `mqtt_listener`: TCP accept loop and one task per MQTT connection.
 //! - `mqttsn`: the MQTT-SN gateway's driver over any datagram transport; `mqttsn_udp` and
@@ -13,6 +14,7 @@
 //! - `tls`: rustls client setup for the uplink.
 //! - `ws`: MQTT over WebSocket for the uplink.
 
+pub mod control;
 pub mod gpio;
 pub mod hub_task;
 pub mod local;

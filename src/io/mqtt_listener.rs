@@ -34,8 +34,10 @@ pub struct ListenerShared {
     pub limits: ServerLimits,
     pub connections: Arc<Semaphore>,
     pub next_conn: AtomicU64,
-    /// `[auth] password_file`, loaded.
-    pub passwords: Option<Arc<Passwords>>,
+    /// `[auth] password_file`, loaded; a reload swaps it.
+    pub passwords: std::sync::RwLock<Option<Arc<Passwords>>>,
+    /// Byte counters for `$SYS`.
+    pub board: Arc<crate::status::Board>,
     /// Failed logins by source address.
     pub throttle: std::sync::Mutex<Throttle>,
 }
@@ -106,7 +108,7 @@ async fn connection(
         link,
         &attached,
     ));
-    let writer = write_loop(wr, rx, state, conn, &shared.hub);
+    let writer = write_loop(wr, rx, state, conn, &shared.hub, &shared.board);
     tokio::pin!(writer);
     let closed = tokio::select! {
         r = &mut reader => Some(r),
@@ -192,7 +194,10 @@ async fn read_loop(
         tokio::select! {
             r = rd.read(&mut buf) => match r {
                 Ok(0) | Err(_) => machine.handle_eof(),
-                Ok(n) => machine.handle_bytes(Instant::now().into_std(), &buf[..n]),
+                Ok(n) => {
+                    shared.board.add_received(n);
+                    machine.handle_bytes(Instant::now().into_std(), &buf[..n])
+                }
             },
             _ = sleep_until_opt(deadline) => machine.handle_timeout(Instant::now().into_std()),
         }
@@ -300,8 +305,9 @@ async fn login(
     if let Some(t) = wait {
         tokio::time::sleep_until(Instant::from_std(t)).await;
     }
+    let passwords = shared.passwords.read().ok().and_then(|p| p.clone());
     let verdict = auth::decide(
-        shared.passwords.as_deref(),
+        passwords.as_deref(),
         allow_anonymous,
         connect.username.as_deref(),
         connect.password.as_deref(),
@@ -333,6 +339,7 @@ async fn write_loop(
     state: Arc<LinkState>,
     conn: ConnId,
     hub: &mpsc::Sender<HubMsg>,
+    board: &crate::status::Board,
 ) {
     // Until CONNECT arrives only a refusal can be written, and that uses 3.1.1 framing.
     let mut machine = Outbound::new(Version::V311, 0);
@@ -375,6 +382,7 @@ async fn write_loop(
             if wr.write_all(&out).await.is_err() {
                 break;
             }
+            board.add_sent(out.len());
             out.clear();
         }
         if state.want_ready.swap(false, Ordering::SeqCst) {

@@ -262,6 +262,18 @@ pub struct Totals {
     pub commits: u64,
     /// True while the last batch failed with a full disk.
     pub disk_full: bool,
+    /// How long the last commit took (the fsync included), and a moving average (1/16).
+    pub commit_us_last: u64,
+    pub commit_us_avg: u64,
+}
+
+/// What waits in the outbox for the cloud.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxSummary {
+    pub messages: u64,
+    pub bytes: u64,
+    /// When the oldest one was received (Unix ms).
+    pub oldest_ms: Option<i64>,
 }
 
 pub(crate) struct Request {
@@ -396,6 +408,29 @@ impl Store {
                 |r| message_from_row(r, dest.clone()),
             )?;
             rows.collect()
+        })
+    }
+
+    /// The outbox's size and age. Counts the index once: meant for a status every few seconds,
+    /// not for every message.
+    pub fn outbox_summary(&self) -> Result<OutboxSummary, StoreError> {
+        self.read(|c| {
+            let (messages, bytes): (i64, i64) = c
+                .prepare_cached("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM messages WHERE kind = 0")?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            // By age index, stopping at the first outbox row.
+            let oldest_ms: Option<i64> = c
+                .prepare_cached(
+                    "SELECT received_ms FROM messages INDEXED BY messages_by_age
+                     WHERE kind = 0 ORDER BY received_ms LIMIT 1",
+                )?
+                .query_row([], |r| r.get(0))
+                .optional()?;
+            Ok(OutboxSummary {
+                messages: messages.max(0) as u64,
+                bytes: bytes.max(0) as u64,
+                oldest_ms,
+            })
         })
     }
 

@@ -35,10 +35,18 @@ pub(super) fn run(
         }
         let start = *totals.lock().unwrap_or_else(|e| e.into_inner());
         let mut working = start;
+        let began = Instant::now();
         let outcome = commit(&mut conn, &batch, &cfg, &mut working);
+        let took = began.elapsed().as_micros().min(u64::MAX as u128) as u64;
         let outcome = match outcome {
             Ok(results) => {
                 working.commits += 1;
+                working.commit_us_last = took;
+                working.commit_us_avg = if start.commits == 0 {
+                    took
+                } else {
+                    (start.commit_us_avg * 15 + took) / 16
+                };
                 working.disk_full = false;
                 if working.evicted > start.evicted {
                     let n = working.evicted - start.evicted;

@@ -64,6 +64,9 @@ pub struct GatewayConfig {
     pub conn_base: ConnId,
 }
 
+/// Every MQTT-SN gateway's connection ids are at or above this.
+pub const SN_CONN_BASE: ConnId = 1 << 62;
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
@@ -73,7 +76,7 @@ impl Default for GatewayConfig {
             retry_count: 3,
             advertise: None,
             max_clients: 1000,
-            conn_base: 1 << 62,
+            conn_base: SN_CONN_BASE,
         }
     }
 }
