@@ -20,7 +20,6 @@ use crate::hub::local::LOCAL_CONN_BASE;
 use crate::hub::{Hub, HubConfig, Restored};
 use crate::io::control;
 use crate::io::hub_task::{self, HubMsg, Reporting, HUB_QUEUE};
-use crate::status::Board;
 use crate::io::mqtt_listener::{self, ListenerShared};
 use crate::io::mqttsn;
 use crate::io::mqttsn_serial::Serial;
@@ -30,6 +29,7 @@ use crate::io::uplink::{self, UplinkSetup};
 use crate::io::{gpio, serial};
 use crate::proto::mqtt::server::ServerLimits;
 use crate::proto::mqttsn::gateway::{Gateway, GatewayConfig, Predefined, SN_CONN_BASE};
+use crate::status::Board;
 use crate::store::{self, Store, StoreConfig, StoreError};
 use crate::systemd;
 
@@ -269,6 +269,7 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
                 hub: hub_tx.clone(),
                 outbox_wake: outbox_wake.clone(),
                 stop: stop_rx.clone(),
+                board: board.clone(),
             };
             (Some(ports), Some(uplink::start(setup, chans)?))
         }
@@ -319,6 +320,7 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
                     udp,
                     gw,
                     hub_tx.clone(),
+                    board.clone(),
                     stop_rx.clone(),
                 )));
             }
@@ -333,6 +335,7 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
                     port,
                     gw,
                     hub_tx.clone(),
+                    board.clone(),
                     stop_rx.clone(),
                 )));
             }
@@ -370,6 +373,7 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
             gateway.clone(),
             LOCAL_CONN_BASE + i as u64,
             hub_tx.clone(),
+            board.clone(),
             stop_rx.clone(),
         )));
     }
@@ -379,6 +383,7 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
             pins,
             LOCAL_CONN_BASE + GPIO_CONN_OFFSET,
             hub_tx.clone(),
+            board.clone(),
             stop_rx.clone(),
         )));
     }

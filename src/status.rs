@@ -77,7 +77,9 @@ pub struct Inputs {
 
 /// The whole report.
 pub fn report(i: &Inputs, board: &Board) -> Value {
-    let uplink = board.get("uplink").unwrap_or_else(|| json!({"state": "none"}));
+    let uplink = board
+        .get("uplink")
+        .unwrap_or_else(|| json!({"state": "none"}));
     let oldest_age_s = i
         .outbox
         .oldest_ms
@@ -375,7 +377,10 @@ mod tests {
         assert_eq!(backlog["messages"], 1_200);
         assert!(topics.contains_key("$SYS/outpost/serial/tank"));
         let text = human(&r);
-        assert!(text.contains("uplink:   backoff for 60s (mqtts://cloud:8883)"), "{text}");
+        assert!(
+            text.contains("uplink:   backoff for 60s (mqtts://cloud:8883)"),
+            "{text}"
+        );
         assert!(text.contains("last error: connection refused"), "{text}");
         assert!(
             text.contains("1200 messages, 96.0 kB, oldest 60s; draining 40.0/s, empty in ~30s"),
@@ -383,7 +388,10 @@ mod tests {
         );
         assert!(text.contains("5 MQTT-SN (2 awake, 3 asleep)"), "{text}");
         assert!(text.contains("acl_denied 3"), "{text}");
-        assert!(text.contains("tank /dev/ttyUSB0 open: 12 readings"), "{text}");
+        assert!(
+            text.contains("tank /dev/ttyUSB0 open: 12 readings"),
+            "{text}"
+        );
     }
 
     #[test]

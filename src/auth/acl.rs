@@ -66,7 +66,9 @@ impl Acl {
 
     /// How many rules it holds.
     pub fn len(&self) -> usize {
-        self.anonymous.len() + self.patterns.len() + self.users.values().map(Vec::len).sum::<usize>()
+        self.anonymous.len()
+            + self.patterns.len()
+            + self.users.values().map(Vec::len).sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -155,11 +157,11 @@ impl Acl {
             .map(|r| (r.perm, std::borrow::Cow::Borrowed(r.filter.as_str())))
             .chain(patterns.map(|(p, f)| (p, std::borrow::Cow::Owned(f))))
             .collect();
-        let (denied_by, granted_by): (fn(&str, &str) -> bool, fn(&str, &str) -> bool) =
-            match access {
-                Access::Subscribe => (covers, overlaps),
-                _ => (topic::matches, topic::matches),
-            };
+        let (denied_by, granted_by): (fn(&str, &str) -> bool, fn(&str, &str) -> bool) = match access
+        {
+            Access::Subscribe => (covers, overlaps),
+            _ => (topic::matches, topic::matches),
+        };
         if rules
             .iter()
             .any(|(p, f)| *p == Perm::Deny && denied_by(f, topic))
@@ -318,12 +320,18 @@ pattern deny test/nosubscribe
         assert!(!sub("a/secret/x"));
         assert!(sub("a/+/x"));
         assert!(sub("$SYS/broker/uptime"));
-        assert!(!Acl::parse("topic read a/#\n")
-            .unwrap()
-            .check("c", None, "$SYS/#", Access::Subscribe));
-        assert!(!Acl::parse("topic read $SYS/#\n")
-            .unwrap()
-            .check("c", None, "#", Access::Subscribe));
+        assert!(!Acl::parse("topic read a/#\n").unwrap().check(
+            "c",
+            None,
+            "$SYS/#",
+            Access::Subscribe
+        ));
+        assert!(!Acl::parse("topic read $SYS/#\n").unwrap().check(
+            "c",
+            None,
+            "#",
+            Access::Subscribe
+        ));
         let open = Acl::parse("topic read #\n").unwrap();
         assert!(!open.check("c", None, "$SYS/x", Access::Subscribe));
         assert!(!open.check("c", None, "$SYS/x", Access::Read));

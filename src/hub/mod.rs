@@ -438,9 +438,11 @@ impl Hub {
             HubInput::Unconnected(mut p) => {
                 self.stats.received += 1;
                 // A sender without a session is anonymous, with no client id.
-                let denied = self.cfg.acl.as_ref().is_some_and(|acl| {
-                    !acl.check("", None, &p.topic, Access::Write)
-                });
+                let denied = self
+                    .cfg
+                    .acl
+                    .as_ref()
+                    .is_some_and(|acl| !acl.check("", None, &p.topic, Access::Write));
                 if denied {
                     self.stats.denied += 1;
                     tracing::debug!(topic = %p.topic, "QoS -1 publish denied by the ACL");

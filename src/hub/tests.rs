@@ -929,7 +929,10 @@ pattern readwrite devices/%u/%c/#
 fn acl_denies_publish_with_0x87_in_v5_and_silently_in_311() {
     let mut t = acl_hub(ACL);
     connect_as(&mut t, 1, Version::V5, "reader", Some("alice"));
-    assert_eq!(t.subscribe(1, "site/#", opts(QoS::AtLeastOnce), None), vec![1]);
+    assert_eq!(
+        t.subscribe(1, "site/#", opts(QoS::AtLeastOnce), None),
+        vec![1]
+    );
     connect_as(&mut t, 2, Version::V5, "w5", Some("bob"));
     connect_as(&mut t, 3, Version::V311, "w3", None);
     t.publish(2, msg("site/x", "no", QoS::AtLeastOnce, 7));
@@ -960,7 +963,10 @@ fn acl_denies_publish_with_0x87_in_v5_and_silently_in_311() {
     // `%u` and `%c` expand to the publisher's own names only.
     connect_as(&mut t, 4, Version::V5, "pump", Some("alice"));
     t.publish(4, msg("devices/alice/pump/level", "ok", QoS::AtMostOnce, 0));
-    t.publish(4, msg("devices/alice/other/level", "no", QoS::AtMostOnce, 0));
+    t.publish(
+        4,
+        msg("devices/alice/other/level", "no", QoS::AtMostOnce, 0),
+    );
     t.publish(4, msg("site/tank", "ok", QoS::AtMostOnce, 0));
     let got: Vec<_> = t.out.publishes(1).into_iter().map(|p| p.topic).collect();
     assert_eq!(got, vec!["site/tank".to_owned()]);
@@ -973,18 +979,36 @@ fn acl_refuses_subscriptions_with_0x80_in_311_and_0x87_in_v5() {
     connect_as(&mut t, 1, Version::V311, "a3", Some("alice"));
     connect_as(&mut t, 2, Version::V5, "a5", Some("alice"));
     for (conn, code) in [(1, reason::UNSPECIFIED_ERROR), (2, reason::NOT_AUTHORIZED)] {
-        assert_eq!(t.subscribe(conn, "test/nosubscribe", opts(QoS::ExactlyOnce), None), vec![code]);
+        assert_eq!(
+            t.subscribe(conn, "test/nosubscribe", opts(QoS::ExactlyOnce), None),
+            vec![code]
+        );
         // A filter wider than the grant is granted (deliveries are filtered); one that reaches
         // nothing readable, or lies inside a deny, is refused.
         assert_eq!(t.subscribe(conn, "#", opts(QoS::AtMostOnce), None), vec![0]);
-        assert_eq!(t.subscribe(conn, "site/+/x", opts(QoS::AtMostOnce), None), vec![0]);
-        assert_eq!(t.subscribe(conn, "public/#", opts(QoS::AtMostOnce), None), vec![code]);
-        assert_eq!(t.subscribe(conn, "site/secret", opts(QoS::AtMostOnce), None), vec![code]);
+        assert_eq!(
+            t.subscribe(conn, "site/+/x", opts(QoS::AtMostOnce), None),
+            vec![0]
+        );
+        assert_eq!(
+            t.subscribe(conn, "public/#", opts(QoS::AtMostOnce), None),
+            vec![code]
+        );
+        assert_eq!(
+            t.subscribe(conn, "site/secret", opts(QoS::AtMostOnce), None),
+            vec![code]
+        );
     }
     // Anonymous rules apply to clients without a user name.
     connect_as(&mut t, 3, Version::V5, "anon", None);
-    assert_eq!(t.subscribe(3, "public/#", opts(QoS::AtMostOnce), None), vec![0]);
-    assert_eq!(t.subscribe(3, "site/#", opts(QoS::AtMostOnce), None), vec![0x87]);
+    assert_eq!(
+        t.subscribe(3, "public/#", opts(QoS::AtMostOnce), None),
+        vec![0]
+    );
+    assert_eq!(
+        t.subscribe(3, "site/#", opts(QoS::AtMostOnce), None),
+        vec![0x87]
+    );
 }
 
 #[test]
@@ -1008,7 +1032,10 @@ fn acl_filters_deliveries_and_retained_messages() {
         retain: true,
     });
     connect_as(&mut t, 2, Version::V5, "r", Some("alice"));
-    assert_eq!(t.subscribe(2, "site/#", opts(QoS::AtLeastOnce), None), vec![1]);
+    assert_eq!(
+        t.subscribe(2, "site/#", opts(QoS::AtLeastOnce), None),
+        vec![1]
+    );
     let got: Vec<_> = t.out.publishes(2).into_iter().map(|p| p.topic).collect();
     assert_eq!(got, vec!["site/open".to_owned()]);
     // And a live one.

@@ -106,6 +106,5 @@ pub fn request_status(path: &Path) -> std::io::Result<serde_json::Value> {
     s.write_all(b"status\n")?;
     let mut line = String::new();
     std::io::BufReader::new(s).read_line(&mut line)?;
-    serde_json::from_str(&line)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

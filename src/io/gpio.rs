@@ -107,6 +107,7 @@ pub async fn run(
     pins: Pins,
     conn: ConnId,
     hub: mpsc::Sender<HubMsg>,
+    board: Arc<crate::status::Board>,
     mut stop: watch::Receiver<bool>,
 ) {
     let now = Instant::now();
@@ -168,11 +169,26 @@ pub async fn run(
     for k in 0..t.outputs.len() {
         t.state(k);
     }
+    let mut reported: Option<Instant> = None;
     loop {
         t.collect();
         t.publish(&mut link);
         if link.flush().await.is_err() {
             break;
+        }
+        let now = Instant::now();
+        // At most once a second: edges can come by the thousand.
+        if reported.map_or(true, |r| now >= r + Duration::from_secs(1)) {
+            reported = Some(now);
+            board.set(
+                "gpio",
+                serde_json::json!({
+                    "inputs": t.inputs.len(),
+                    "outputs": t.outputs.len(),
+                    "dropped": t.dropped,
+                    "pending": t.pending.len(),
+                }),
+            );
         }
         let deadline = t
             .inputs

@@ -42,7 +42,13 @@ async fn rig(toml: &str) -> Rig {
     let sim = Sim::new();
     let pins = open_with(&sim, &gpio(toml)).unwrap();
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(run(pins, LOCAL_CONN_BASE, hub_tx.clone(), stop_rx));
+    let task = tokio::spawn(run(
+        pins,
+        LOCAL_CONN_BASE,
+        hub_tx.clone(),
+        Arc::default(),
+        stop_rx,
+    ));
     Rig {
         hub: hub_tx,
         sim,

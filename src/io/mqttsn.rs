@@ -69,8 +69,11 @@ pub async fn run<T: Transport>(
     mut t: T,
     gw: Gateway<T::Addr>,
     hub: mpsc::Sender<HubMsg>,
+    board: Arc<crate::status::Board>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let entry = format!("mqttsn/{}", t.name());
+    let mut reported: Option<std::time::Instant> = None;
     let mut d = Driver {
         gw,
         hub,
@@ -81,6 +84,24 @@ pub async fn run<T: Transport>(
     let mut buf = vec![0u8; 65_536];
     let mut failures = 0u32;
     loop {
+        let now = std::time::Instant::now();
+        if reported.map_or(true, |r| now >= r + std::time::Duration::from_secs(1)) {
+            reported = Some(now);
+            let (active, asleep, awake) = d.gw.census();
+            let st = d.gw.stats();
+            board.set(
+                &entry,
+                serde_json::json!({
+                    "active": active,
+                    "asleep": asleep,
+                    "awake": active + awake,
+                    "received": st.received,
+                    "malformed": st.malformed,
+                    "retransmitted": st.retransmitted,
+                    "lost": st.lost,
+                }),
+            );
+        }
         let deadline = d.gw.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             r = t.recv(&mut buf) => match r {

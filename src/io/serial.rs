@@ -15,6 +15,7 @@
 //!   counted: replaying a pump command an hour late is worse than not at all.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +32,7 @@ use crate::hub::ConnId;
 use crate::proto::frames::decode::{Decoder, Reading, TopicTemplate};
 use crate::proto::frames::{encode, Deframer, FrameError, Framing};
 use crate::proto::mqtt::QoS;
+use crate::status::Board;
 
 /// QoS 1/2 readings published and not yet acknowledged (committed) by the hub.
 pub const WINDOW: usize = 32;
@@ -53,6 +55,19 @@ pub struct PortStats {
     pub refused: u64,
 }
 
+/// Whether the board should hear again: at most once a second, and at once when the device
+/// came or went since the last report.
+fn report_due(
+    last: Option<(tokio::time::Instant, bool)>,
+    now: tokio::time::Instant,
+    open: bool,
+) -> bool {
+    match last {
+        None => true,
+        Some((at, was_open)) => was_open != open || now >= at + Duration::from_secs(1),
+    }
+}
+
 struct Port {
     cfg: SerialPort,
     framing: Framing,
@@ -73,6 +88,7 @@ pub async fn run(
     gateway_id: String,
     conn: ConnId,
     hub: mpsc::Sender<HubMsg>,
+    board: Arc<Board>,
     mut stop: watch::Receiver<bool>,
 ) {
     let (Some(framing), Ok(template)) = (cfg.wire(), cfg.template(&gateway_id)) else {
@@ -108,8 +124,15 @@ pub async fn run(
     let mut retry_at = Some(tokio::time::Instant::now());
     let mut idle_at: Option<tokio::time::Instant> = None;
     let mut buf = vec![0u8; 4096];
+    // The board is told at most once a second, and at once when the device comes or goes.
+    let mut reported: Option<(tokio::time::Instant, bool)> = None;
     let result: Result<(), LocalError> = async {
         loop {
+            let now = tokio::time::Instant::now();
+            if report_due(reported, now, device.is_some()) {
+                p.report(&board, device.is_some());
+                reported = Some((now, device.is_some()));
+            }
             p.publish_pending(&mut link);
             link.flush().await?;
             let can_read = device.is_some() && p.pending.is_empty() && link.client.can_publish();
@@ -199,6 +222,7 @@ pub async fn run(
     if !p.pending.is_empty() {
         tracing::warn!(port = %p.cfg.name, lost = p.pending.len(), "shutdown: readings not taken by the hub in time");
     }
+    p.report(&board, false);
     tracing::info!(port = %p.cfg.name, stats = ?p.stats, "serial port closed");
     link.close().await;
 }
@@ -249,6 +273,24 @@ pub fn open(cfg: &SerialPort) -> std::io::Result<SerialStream> {
 }
 
 impl Port {
+    fn report(&self, board: &Board, open: bool) {
+        board.set(
+            &format!("serial/{}", self.cfg.name),
+            serde_json::json!({
+                "device": self.cfg.device.display().to_string(),
+                "open": open,
+                "opens": self.stats.opens,
+                "readings": self.stats.readings,
+                "frames": self.deframer.stats.frames,
+                "frames_dropped": self.deframer.stats.dropped,
+                "undecodable": self.stats.undecodable,
+                "writes": self.stats.writes,
+                "writes_dropped": self.stats.writes_dropped,
+                "refused": self.stats.refused,
+            }),
+        );
+    }
+
     fn feed(&mut self, bytes: &[u8]) {
         let mut got = Vec::new();
         self.deframer

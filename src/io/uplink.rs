@@ -78,6 +78,8 @@ pub struct UplinkSetup {
     pub hub: mpsc::Sender<HubMsg>,
     pub outbox_wake: Arc<Notify>,
     pub stop: watch::Receiver<bool>,
+    /// Where the uplink's state and delivery count go for `$SYS` and `outpost status`.
+    pub board: Arc<crate::status::Board>,
 }
 
 /// The driver's ends of the channels the hub task holds the other ends of.
@@ -155,6 +157,9 @@ struct Driver {
     stop: watch::Receiver<bool>,
     tls: Option<super::tls::Connector>,
     stats: Stats,
+    board: Arc<crate::status::Board>,
+    /// The last reason the link went down, kept while it is up again.
+    last_error: String,
 }
 
 #[derive(Debug, Default)]
@@ -261,6 +266,8 @@ pub fn start(
         stop: setup.stop,
         tls,
         stats: Stats::default(),
+        board: setup.board.clone(),
+        last_error: String::new(),
         flush_writes: matches!(url.scheme, Scheme::Ws | Scheme::Wss),
         max_packet: setup.max_packet_size,
         url,
@@ -655,6 +662,7 @@ impl Driver {
                     // dropped at once keeps backing off.
                     self.backoff.reset();
                     self.stats.delivered += 1;
+                    self.board.uplink_delivered.fetch_add(1, Ordering::Relaxed);
                     self.delete(tag);
                 }
                 ClientEvent::Released { tag, packet_id } => {
@@ -742,11 +750,26 @@ impl Driver {
             ),
             Phase::Stopped => ("stopped", String::new(), String::new()),
         };
+        if !reason.is_empty() {
+            self.last_error = reason.clone();
+        }
+        let since = unix_ms_now();
         let payload = format!(
-            "{{\"state\":\"{state}\",\"url\":\"{}\",\"reason\":\"{}\",\"since_ms\":{}{extra}}}",
+            "{{\"state\":\"{state}\",\"url\":\"{}\",\"reason\":\"{}\",\"since_ms\":{since}{extra}}}",
             json_escape(&self.url_text()),
             json_escape(&reason),
-            unix_ms_now()
+        );
+        self.board.set(
+            "uplink",
+            serde_json::json!({
+                "state": state,
+                "url": self.url_text(),
+                "reason": reason,
+                "last_error": self.last_error,
+                "since_ms": since,
+                "connects": self.stats.connects,
+                "sent": self.stats.sent,
+            }),
         );
         let input = HubInput::System {
             topic: STATE_TOPIC.into(),

@@ -416,7 +416,9 @@ impl Store {
     pub fn outbox_summary(&self) -> Result<OutboxSummary, StoreError> {
         self.read(|c| {
             let (messages, bytes): (i64, i64) = c
-                .prepare_cached("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM messages WHERE kind = 0")?
+                .prepare_cached(
+                    "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM messages WHERE kind = 0",
+                )?
                 .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             // By age index, stopping at the first outbox row.
             let oldest_ms: Option<i64> = c

@@ -380,6 +380,19 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
         &self.stats
     }
 
+    /// Clients by where they stand: (connected and awake, asleep, woken and draining).
+    pub fn census(&self) -> (usize, usize, usize) {
+        let mut c = (0, 0, 0);
+        for client in self.clients.values() {
+            match client.state {
+                State::Asleep => c.1 += 1,
+                State::Awake => c.2 += 1,
+                _ => c.0 += 1,
+            }
+        }
+        c
+    }
+
     /// Clients with a session here (connecting, active or asleep).
     pub fn clients(&self) -> usize {
         self.clients.len()
