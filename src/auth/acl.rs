@@ -157,8 +157,7 @@ impl Acl {
             .map(|r| (r.perm, std::borrow::Cow::Borrowed(r.filter.as_str())))
             .chain(patterns.map(|(p, f)| (p, std::borrow::Cow::Owned(f))))
             .collect();
-        let (denied_by, granted_by): (fn(&str, &str) -> bool, fn(&str, &str) -> bool) = match access
-        {
+        let (denied_by, granted_by): (Relation, Relation) = match access {
             Access::Subscribe => (covers, overlaps),
             _ => (topic::matches, topic::matches),
         };
@@ -194,6 +193,9 @@ fn expand(filter: &str, client_id: &str, username: Option<&str>) -> Option<Strin
     }
     Some(out)
 }
+
+/// How a rule's filter relates to what is checked.
+type Relation = fn(&str, &str) -> bool;
 
 /// Whether some topic name matches both filters.
 fn overlaps(a: &str, b: &str) -> bool {
