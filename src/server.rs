@@ -224,6 +224,10 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
         Some(u) => Some(Rules::load_dir(&u.rules_dir, &gateway)?),
         None => None,
     };
+    let started_rules = rules.as_ref().map(|r| StartedRules {
+        priorities: r.outs.iter().map(|o| o.priority).collect(),
+        ins: r.ins.clone(),
+    });
     let outbox_wake = Arc::new(Notify::new());
     let (commit_tx, commit_rx) = mpsc::channel(COMMITS_QUEUE);
     let link = StoreLink::new(
@@ -439,7 +443,14 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
             }
             _ = hup.recv() => {
                 systemd::reloading();
-                let outcome = reload(source.as_deref(), &mut running, &shared, &hub_tx).await;
+                let outcome = reload(
+                    source.as_deref(),
+                    &mut running,
+                    started_rules.as_ref(),
+                    &shared,
+                    &hub_tx,
+                )
+                .await;
                 match &outcome {
                     Ok(note) => tracing::info!("SIGHUP: reloaded; {note}"),
                     Err(e) => tracing::error!("SIGHUP: reload refused, the running configuration stays: {e}"),
@@ -480,6 +491,13 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
     Ok(())
 }
 
+/// The bridge rules the uplink was started with, which a reload can only partly change.
+struct StartedRules {
+    /// The outbox classes the uplink drains.
+    priorities: std::collections::BTreeSet<u8>,
+    ins: Vec<crate::bridge::rules::InRule>,
+}
+
 /// Reads the config file again and applies what can change while running: the password and
 /// ACL files, and the uplink's `[[out]]` rules. Everything is loaded and checked before anything
 /// is applied, so a broken file changes nothing. Settings that need sockets or devices reopened
@@ -487,6 +505,7 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
 async fn reload(
     source: Option<&std::path::Path>,
     running: &mut Config,
+    started: Option<&StartedRules>,
     shared: &ListenerShared,
     hub: &mpsc::Sender<HubMsg>,
 ) -> Result<String, String> {
@@ -520,24 +539,22 @@ async fn reload(
             restart.push(name.to_owned());
         }
     }
-    // `[[out]]` rules take effect at once when they keep to the priorities the uplink already
-    // drains; `[[in]]` rules are subscriptions on the cloud session, made at connect.
+    // `[[out]]` rules take effect at once when they keep to the priorities the uplink drains
+    // (its classes are fixed at start); `[[in]]` rules are subscriptions on the cloud session,
+    // made at connect. Both are compared with what the uplink started with, kept in memory:
+    // the files on disk are already the new ones.
     let mut outs = None;
-    if let (Some(new_rules), Some(_)) = (&rules, &running.uplink) {
-        let old = running
-            .uplink
-            .as_ref()
-            .and_then(|u| Rules::load_dir(&u.rules_dir, &running.gateway_id()).ok());
-        let known: std::collections::BTreeSet<u8> = old
-            .as_ref()
-            .map(|r| r.outs.iter().map(|o| o.priority).collect())
-            .unwrap_or_default();
-        if new_rules.outs.iter().all(|o| known.contains(&o.priority)) {
+    if let (Some(new_rules), Some(started)) = (&rules, started) {
+        if new_rules
+            .outs
+            .iter()
+            .all(|o| started.priorities.contains(&o.priority))
+        {
             outs = Some(new_rules.outs.clone());
         } else {
             restart.push("bridge rules (a new priority)".into());
         }
-        if old.as_ref().map(|r| format!("{:?}", r.ins)) != Some(format!("{:?}", new_rules.ins)) {
+        if new_rules.ins != started.ins {
             restart.push("bridge [[in]] rules".into());
         }
     }

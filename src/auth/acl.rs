@@ -10,15 +10,15 @@
 //! pattern read cmd/%u/#
 //! ```
 //! Access is `read`, `write`, `readwrite` (the default) or `deny`. As in mosquitto, a matching
-//! `deny` wins over any grant, and what no rule grants is denied.
+//! `deny` wins over any grant, and what no rule grants is denied. A `%u` or `%c` whose value
+//! holds `/`, `+` or `#` makes its pattern match nothing: no client can widen its own rule.
 //!
 //! Subscriptions: mosquitto 2 grants every subscription and only filters deliveries, so a client
 //! never learns that it will receive nothing. outpost refuses a subscription when a `deny` rule
 //! covers the whole filter, or when no readable rule could ever match a topic inside it (so
 //! `test/nosubscribe` under no rule is refused, as the Paho interoperability test expects). A
 //! filter that reaches some readable topics is granted (`topic read a/#` grants `#`), and each
-//! delivery is then checked against the topic it carries, as mosquitto does. A `%u` or `%c` whose value holds
-//! `/`, `+` or `#` makes its pattern match nothing: no client can widen its own rule.
+//! delivery is then checked against the topic it carries, as mosquitto does.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -144,41 +144,47 @@ impl Acl {
         topic: &str,
         access: Access,
     ) -> bool {
+        use std::borrow::Cow;
         let own = match username {
             Some(u) => self.users.get(u).map_or(&[][..], Vec::as_slice),
             None => &self.anonymous[..],
         };
-        let patterns = self.patterns.iter().filter_map(|r| {
-            let filter = expand(&r.filter, client_id, username)?;
-            Some((r.perm, filter))
-        });
-        let rules: Vec<(Perm, std::borrow::Cow<'_, str>)> = own
-            .iter()
-            .map(|r| (r.perm, std::borrow::Cow::Borrowed(r.filter.as_str())))
-            .chain(patterns.map(|(p, f)| (p, std::borrow::Cow::Owned(f))))
-            .collect();
+        // Walked twice (denials first), without collecting: this runs for every delivery.
+        let rules = || {
+            own.iter()
+                .map(|r| (r.perm, Cow::Borrowed(r.filter.as_str())))
+                .chain(
+                    self.patterns
+                        .iter()
+                        .filter_map(|r| Some((r.perm, expand(&r.filter, client_id, username)?))),
+                )
+        };
         let (denied_by, granted_by): (Relation, Relation) = match access {
             Access::Subscribe => (covers, overlaps),
             _ => (topic::matches, topic::matches),
         };
-        if rules
-            .iter()
-            .any(|(p, f)| *p == Perm::Deny && denied_by(f, topic))
-        {
+        if rules().any(|(p, f)| p == Perm::Deny && denied_by(&f, topic)) {
             return false;
         }
-        rules.iter().any(|(p, f)| {
+        rules().any(|(p, f)| {
             let granted = match access {
                 Access::Write => matches!(p, Perm::Write | Perm::ReadWrite),
                 Access::Read | Access::Subscribe => matches!(p, Perm::Read | Perm::ReadWrite),
             };
-            granted && granted_by(f, topic)
+            granted && granted_by(&f, topic)
         })
     }
 }
 
 /// `filter` with `%c` and `%u` filled in, or None if a value would not be one plain level.
-fn expand(filter: &str, client_id: &str, username: Option<&str>) -> Option<String> {
+fn expand<'a>(
+    filter: &'a str,
+    client_id: &str,
+    username: Option<&str>,
+) -> Option<std::borrow::Cow<'a, str>> {
+    if !filter.contains('%') {
+        return Some(std::borrow::Cow::Borrowed(filter));
+    }
     let plain = |v: &str| !v.is_empty() && !v.contains(['/', '+', '#']);
     let mut out = filter.to_owned();
     if out.contains("%c") {
@@ -191,7 +197,7 @@ fn expand(filter: &str, client_id: &str, username: Option<&str>) -> Option<Strin
         let u = username.filter(|u| plain(u))?;
         out = out.replace("%u", u);
     }
-    Some(out)
+    Some(std::borrow::Cow::Owned(out))
 }
 
 /// How a rule's filter relates to what is checked.

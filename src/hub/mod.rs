@@ -243,8 +243,6 @@ impl Hub {
         }
     }
 
-    /// Sends messages matching `outs` to the uplink: through the outbox (upstream QoS 1/2, or
-    /// QoS 0 rules that buffer) or live (QoS 0).
     /// A new ACL (or none) from a reload: it applies to every check from now on, deliveries
     /// already queued included.
     pub fn set_acl(&mut self, acl: Option<Arc<Acl>>) {
@@ -266,6 +264,8 @@ impl Hub {
         k
     }
 
+    /// Sends messages matching `outs` to the uplink: through the outbox (upstream QoS 1/2, or
+    /// QoS 0 rules that buffer) or live (QoS 0).
     pub fn set_uplink_rules(&mut self, outs: Vec<OutRule>) {
         self.outs = outs;
     }
@@ -438,12 +438,7 @@ impl Hub {
             HubInput::Unconnected(mut p) => {
                 self.stats.received += 1;
                 // A sender without a session is anonymous, with no client id.
-                let denied = self
-                    .cfg
-                    .acl
-                    .as_ref()
-                    .is_some_and(|acl| !acl.check("", None, &p.topic, Access::Write));
-                if denied {
+                if !acl_permits(&self.cfg, false, "", None, &p.topic, Access::Write) {
                     self.stats.denied += 1;
                     tracing::debug!(topic = %p.topic, "QoS -1 publish denied by the ACL");
                     return;
@@ -743,10 +738,11 @@ impl Hub {
         };
 
         let exempt = local::is_local(conn);
-        if let (Some(acl), Some(w), false) = (&self.cfg.acl, &c.will, exempt) {
+        if let Some(w) = &c.will {
             // As mosquitto: a will the client could not publish refuses the connection, rather
             // than failing silently when it is needed.
-            if !acl.check(&id, c.username.as_deref(), &w.topic, Access::Write) {
+            let user = c.username.as_deref();
+            if !acl_permits(&self.cfg, exempt, &id, user, &w.topic, Access::Write) {
                 self.stats.denied += 1;
                 tracing::info!(client = %id, topic = %w.topic, "will topic denied by the ACL; refusing");
                 let code = if v.is_v5() {
@@ -1481,13 +1477,29 @@ impl Hub {
     }
 }
 
-/// A session's row as the store keeps it, from its state now.
 /// `$SYS/` topics describe this run: kept retained in memory, never written to the store, so a
 /// status refresh every few seconds costs the SD card nothing and a restart shows no stale one.
 fn is_volatile(topic: &str) -> bool {
     topic.starts_with("$SYS/")
 }
 
+/// Whether the ACL in `cfg` lets `client_id` (as `username`) do `access` on `topic`. Without
+/// an ACL everything is allowed; outpost's own sessions (`exempt`) are not bound by it.
+fn acl_permits(
+    cfg: &HubConfig,
+    exempt: bool,
+    client_id: &str,
+    username: Option<&str>,
+    topic: &str,
+    access: Access,
+) -> bool {
+    match &cfg.acl {
+        Some(acl) if !exempt => acl.check(client_id, username, topic, access),
+        _ => true,
+    }
+}
+
+/// A session's row as the store keeps it, from its state now.
 fn stored_row(clock: &Clock, s: &Session) -> StoredSession {
     let (will, will_due_ms) = match (&s.pending_will, &s.will) {
         (Some(p), _) => (

@@ -162,12 +162,14 @@ impl Session {
 
     /// Whether the ACL in `cfg` lets this session do `access` on `topic`.
     pub fn may(&self, cfg: &HubConfig, topic: &str, access: Access) -> bool {
-        match &cfg.acl {
-            Some(acl) if !self.acl_exempt => {
-                acl.check(&self.id, self.username.as_deref(), topic, access)
-            }
-            _ => true,
-        }
+        super::acl_permits(
+            cfg,
+            self.acl_exempt,
+            &self.id,
+            self.username.as_deref(),
+            topic,
+            access,
+        )
     }
 
     /// A session that outlives its connection, and so keeps its state in the store.

@@ -174,3 +174,12 @@ def test_reload_of_out_rules(site):
             break
         time.sleep(0.2)
     assert json.loads(status(site, "--json"))["backlog"]["messages"] == 1
+
+    # A new priority, or a new [[in]] rule, needs the uplink restarted: named, not applied.
+    with open(f"{d}/rules/rules.toml", "w") as f:
+        f.write('[[out]]\nfilter = "site/#"\nqos = 1\n[[out]]\nfilter = "well/#"\nqos = 1\n'
+                '[[out]]\nfilter = "alarm/#"\nqos = 1\npriority = 3\n'
+                '[[in]]\nfilter = "cmd/#"\nqos = 1\n')
+    mark = site.reload(config(d))
+    site.wait_log(r"SIGHUP: reloaded; .*waiting for a restart: bridge rules \(a new priority\), "
+                  r"bridge \[\[in\]\] rules", start=mark)
