@@ -279,13 +279,11 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
         }
         _ => (None, None),
     };
-    let sys_interval = Some(config.gateway.sys_interval.0).filter(|d| !d.is_zero());
     let reporting = Reporting {
         board: board.clone(),
         store: Some(store.clone()),
         gateway_id: gateway.clone(),
         started,
-        sys_interval,
     };
     let hub_handle = tokio::spawn(hub_task::run(
         hub,
@@ -408,8 +406,17 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
         control,
         control_path,
         hub_tx.clone(),
+        Some(store.clone()),
         stop_rx.clone(),
     )));
+    if !config.gateway.sys_interval.0.is_zero() {
+        accept_tasks.push(tokio::spawn(hub_task::sys_ticker(
+            config.gateway.sys_interval.0,
+            Some(store.clone()),
+            hub_tx.clone(),
+            stop_rx.clone(),
+        )));
+    }
     systemd::ready(&format!(
         "{} listener(s) up; {mode}",
         config.listeners.len()

@@ -12,7 +12,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use super::hub_task::HubMsg;
+use super::hub_task::{read_outbox, HubMsg, ReportTo};
+use crate::store::Store;
 
 const MAX_REQUEST: usize = 256;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,6 +45,7 @@ pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     hub: mpsc::Sender<HubMsg>,
+    store: Option<Arc<Store>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
@@ -59,9 +61,10 @@ pub async fn serve(
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
-        let hub = hub.clone();
+        let (hub, store) = (hub.clone(), store.clone());
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(ANSWER_TIMEOUT, answer(stream, hub)).await {
+            let answered = tokio::time::timeout(ANSWER_TIMEOUT, answer(stream, hub, store));
+            if let Err(e) = answered.await {
                 tracing::debug!(error = %e, "control request timed out");
             }
             drop(permit);
@@ -70,7 +73,7 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
-async fn answer(stream: UnixStream, hub: mpsc::Sender<HubMsg>) {
+async fn answer(stream: UnixStream, hub: mpsc::Sender<HubMsg>, store: Option<Arc<Store>>) {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     let mut rd = BufReader::new(rd.take(MAX_REQUEST as u64));
@@ -80,7 +83,9 @@ async fn answer(stream: UnixStream, hub: mpsc::Sender<HubMsg>) {
     let reply = match line.trim() {
         "status" => {
             let (tx, rx) = oneshot::channel();
-            if hub.send(HubMsg::Report(tx)).await.is_err() {
+            let outbox = read_outbox(store).await;
+            let to = ReportTo::Status(tx);
+            if hub.send(HubMsg::Report { outbox, to }).await.is_err() {
                 return;
             }
             match rx.await {

@@ -14,14 +14,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use super::sleep_until_opt;
 use crate::hub::{ConnId, Hub, HubInput, Outlet};
 use crate::proto::mqtt::{Packet, Publish, QoS, Version};
 use crate::status::{self, Board};
-use crate::store::{Outcome, Store};
+use crate::store::{OutboxSummary, Outcome, Store};
 use crate::systemd;
 
 /// How often the STATUS= line that `systemctl status` shows is refreshed.
@@ -128,8 +128,9 @@ pub enum HubMsg {
     Input(HubInput),
     /// Publish wills, close every connection, then answer.
     Shutdown(oneshot::Sender<()>),
-    /// The status report, for `outpost status`.
-    Report(oneshot::Sender<serde_json::Value>),
+    /// Build the status report around `outbox` (read by the sender, off the hub's thread) and
+    /// publish it as `$SYS` or hand it back.
+    Report { outbox: OutboxSummary, to: ReportTo },
     /// A reload: the new ACL (None: none) and uplink `[[out]]` rules (None: unchanged).
     Reconfigure {
         acl: Option<Arc<crate::auth::Acl>>,
@@ -137,14 +138,22 @@ pub enum HubMsg {
     },
 }
 
+/// Where a report goes.
+#[derive(Debug)]
+pub enum ReportTo {
+    /// Published as `$SYS` topics.
+    Sys,
+    /// To `outpost status`.
+    Status(oneshot::Sender<serde_json::Value>),
+}
+
 /// What the hub task reports from besides the hub: `$SYS` and `outpost status`.
 pub struct Reporting {
     pub board: Arc<Board>,
+    /// Only its in-memory totals are read here; the outbox query runs elsewhere.
     pub store: Option<Arc<Store>>,
     pub gateway_id: String,
     pub started: Instant,
-    /// How often `$SYS` topics are published; None: never.
-    pub sys_interval: Option<Duration>,
 }
 
 impl Reporting {
@@ -155,7 +164,6 @@ impl Reporting {
             store: None,
             gateway_id: String::new(),
             started: Instant::now(),
-            sys_interval: None,
         }
     }
 }
@@ -182,7 +190,50 @@ impl Rate {
     }
 }
 
-fn build_report(hub: &Hub, rep: &Reporting, links: &Links, rate: &mut Rate) -> serde_json::Value {
+/// The outbox's size, read on a blocking thread: a count over a large outbox takes a while, and
+/// must never hold up the hub.
+pub async fn read_outbox(store: Option<Arc<Store>>) -> OutboxSummary {
+    let Some(store) = store else {
+        return OutboxSummary::default();
+    };
+    match tokio::task::spawn_blocking(move || store.outbox_summary()).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the outbox size");
+            OutboxSummary::default()
+        }
+        Err(_) => OutboxSummary::default(),
+    }
+}
+
+/// Asks for a `$SYS` publication every `every`, until `stop`.
+pub async fn sys_ticker(
+    every: Duration,
+    store: Option<Arc<Store>>,
+    hub: mpsc::Sender<HubMsg>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let outbox = read_outbox(store.clone()).await;
+        let to = ReportTo::Sys;
+        if hub.send(HubMsg::Report { outbox, to }).await.is_err() {
+            break;
+        }
+    }
+}
+
+fn build_report(
+    hub: &Hub,
+    rep: &Reporting,
+    links: &Links,
+    rate: &mut Rate,
+    outbox: OutboxSummary,
+) -> serde_json::Value {
     let (mqtt, sn, local) = hub.connected_by_kind();
     let now = Instant::now();
     let delivered = rep.board.uplink_delivered.load(Ordering::Relaxed);
@@ -202,15 +253,7 @@ fn build_report(hub: &Hub, rep: &Reporting, links: &Links, rate: &mut Rate) -> s
         retained: hub.retained(),
         hub: hub.stats().clone(),
         store: store.map(Store::totals).unwrap_or_default(),
-        outbox: store
-            .and_then(|s| match s.outbox_summary() {
-                Ok(o) => Some(o),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the outbox size");
-                    None
-                }
-            })
-            .unwrap_or_default(),
+        outbox,
         uplink_live_dropped: links
             .1
             .as_ref()
@@ -304,15 +347,6 @@ fn unwrap_packet(item: LinkItem) -> Packet {
     }
 }
 
-async fn tick_opt(i: &mut Option<tokio::time::Interval>) {
-    match i {
-        Some(i) => {
-            i.tick().await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
 /// Runs the hub until a `Shutdown` message has been handled and every connection has gone (or
 /// `grace` has passed).
 pub async fn run(
@@ -325,7 +359,6 @@ pub async fn run(
 ) {
     let mut links = Links(HashMap::new(), uplink);
     let mut rate = Rate::default();
-    let mut sys = rep.sys_interval.map(tokio::time::interval);
     let mut done: Option<(oneshot::Sender<()>, Instant)> = None;
     let mut status = tokio::time::interval(STATUS_EVERY);
     let mut uplink_now = if links.1.is_some() {
@@ -354,15 +387,6 @@ pub async fn run(
                 systemd::status(&status_line(&hub, &uplink_now));
                 continue;
             }
-            _ = tick_opt(&mut sys), if done.is_none() => {
-                let report = build_report(&hub, &rep, &links, &mut rate);
-                let now = Instant::now().into_std();
-                for (topic, payload) in status::sys_topics(&report) {
-                    let input = HubInput::System { topic, payload: payload.into(), retain: true };
-                    hub.handle(now, input, &mut links);
-                }
-                continue;
-            }
         };
         let Some(msg) = msg else { break };
         let now = Instant::now().into_std();
@@ -385,8 +409,25 @@ pub async fn run(
                     links.0.remove(&c);
                 }
             }
-            HubMsg::Report(reply) => {
-                let _ = reply.send(build_report(&hub, &rep, &links, &mut rate));
+            HubMsg::Report { outbox, to } => {
+                let report = build_report(&hub, &rep, &links, &mut rate, outbox);
+                match to {
+                    ReportTo::Status(reply) => {
+                        let _ = reply.send(report);
+                    }
+                    ReportTo::Sys if done.is_none() => {
+                        for (topic, payload) in status::sys_topics(&report) {
+                            let payload = payload.into();
+                            let input = HubInput::System {
+                                topic,
+                                payload,
+                                retain: true,
+                            };
+                            hub.handle(now, input, &mut links);
+                        }
+                    }
+                    ReportTo::Sys => {}
+                }
             }
             HubMsg::Reconfigure { acl, outs } => {
                 hub.set_acl(acl);
