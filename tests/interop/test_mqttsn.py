@@ -5,31 +5,26 @@ retransmission, speak over a serial line) is done with raw datagrams built here 
 
 import os
 import pty
-import re
 import select
-import signal
 import socket
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 import tty
 
 import pytest
+from brokers import Outpost
 from wire import crc16
 from mqttsn12.client.MqttSnClient import MqttSnClient, MqttSnListener
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.environ.get("OUTPOST_BIN", os.path.join(ROOT, "target", "debug", "outpost"))
 VENV_BIN = os.path.dirname(os.path.abspath(os.sys.executable))
 TIMEOUT = 10
 
 
 class Gateway:
-    def __init__(self, proc, mqtt, sn, serial_master):
-        self.proc, self.mqtt, self.sn, self.serial = proc, mqtt, sn, serial_master
-        self.log = []
+    def __init__(self, broker, sn, serial_master):
+        self.broker, self.mqtt, self.sn, self.serial = broker, broker.port, sn, serial_master
 
 
 @pytest.fixture(scope="module")
@@ -40,47 +35,22 @@ def gw():
     tty.setraw(slave)
     slave_path = os.ttyname(slave)
     with tempfile.TemporaryDirectory() as d:
-        cfg = os.path.join(d, "outpost.toml")
-        with open(cfg, "w") as f:
-            f.write(
-                f'[gateway]\nid = "sn"\ndata_dir = "{d}/data"\n'
-                '[[listener]]\nkind = "mqtt"\nbind = "127.0.0.1:0"\n'
-                '[[listener]]\nkind = "mqtt-sn"\nbind = "127.0.0.1:0"\n'
-                f'[[listener]]\nkind = "mqtt-sn-serial"\ndevice = "{slave_path}"\n'
-                "baud = 115200\nqos_minus_one = true\n"
-                "[mqttsn]\ngateway_id = 42\n"
-                'predefined = [{ id = 1, topic = "sensors/soil/moisture" },'
-                ' { id = 2, topic = "pre/two" }]\n'
-                'qos_minus_one_from = ["127.0.0.0/8"]\n'
-                'retry = { interval = "1s", count = 2 }\n'
-            )
-        proc = subprocess.Popen(
-            [BIN, "run", "--config", cfg], stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, RUST_LOG="info"),
-        )
-        mqtt = sn = None
-        lines = []
-        deadline = time.time() + 20
-        while (mqtt is None or sn is None) and time.time() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            m = re.search(r"and 5\.0 on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                mqtt = int(m.group(1))
-            m = re.search(r"gateway on UDP 127\.0\.0\.1:(\d+)", line)
-            if m:
-                sn = int(m.group(1))
-        assert mqtt and sn, "outpost did not start:\n" + "".join(lines)
-        g = Gateway(proc, mqtt, sn, master)
-
-        def drain():
-            for l in proc.stderr:
-                g.log.append(l)
-
-        threading.Thread(target=drain, daemon=True).start()
+        o = Outpost(d, (
+            f'[gateway]\nid = "sn"\ndata_dir = "{d}/data"\n'
+            '[[listener]]\nkind = "mqtt"\nbind = "127.0.0.1:0"\n'
+            '[[listener]]\nkind = "mqtt-sn"\nbind = "127.0.0.1:0"\n'
+            f'[[listener]]\nkind = "mqtt-sn-serial"\ndevice = "{slave_path}"\n'
+            "baud = 115200\nqos_minus_one = true\n"
+            "[mqttsn]\ngateway_id = 42\n"
+            'predefined = [{ id = 1, topic = "sensors/soil/moisture" },'
+            ' { id = 2, topic = "pre/two" }]\n'
+            'qos_minus_one_from = ["127.0.0.0/8"]\n'
+            'retry = { interval = "1s", count = 2 }\n'
+        ))
+        sn = int(o.wait_log(r"gateway on UDP 127\.0\.0\.1:(\d+)").group(1))
+        g = Gateway(o, sn, master)
         yield g
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        o.stop()
         os.close(master)
         os.close(slave)
 

@@ -3,12 +3,9 @@ retained messages, wills, persistent sessions, and the MQTT 5 features a client 
 
 import os
 import queue
-import re
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import paho.mqtt.client as mqtt
@@ -17,8 +14,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.environ.get("OUTPOST_BIN", os.path.join(ROOT, "target", "debug", "outpost"))
+from brokers import Outpost
+
 TIMEOUT = 10
 
 
@@ -26,28 +23,10 @@ TIMEOUT = 10
 def broker():
     """Starts the real outpost on a free port; yields the port."""
     with tempfile.TemporaryDirectory() as d:
-        cfg = os.path.join(d, "outpost.toml")
-        with open(cfg, "w") as f:
-            f.write(
-                f'[gateway]\nid = "paho"\ndata_dir = "{d}/data"\n'
-                '[[listener]]\nkind = "mqtt"\nbind = "127.0.0.1:0"\n'
-            )
-        proc = subprocess.Popen(
-            [BIN, "run", "--config", cfg], stderr=subprocess.PIPE, text=True
-        )
-        port = None
-        deadline = time.time() + 20
-        while port is None and time.time() < deadline:
-            line = proc.stderr.readline()
-            m = re.search(r"and 5\.0 on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-        assert port, "outpost did not start"
-        # Keep draining stderr so outpost never blocks on a full pipe.
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-        yield port
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        o = Outpost(d, f'[gateway]\nid = "paho"\ndata_dir = "{d}/data"\n'
+                       '[[listener]]\nkind = "mqtt"\nbind = "127.0.0.1:0"\n')
+        yield o.port
+        o.stop()
 
 
 class Client:

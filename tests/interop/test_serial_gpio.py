@@ -8,10 +8,7 @@ configured, pointing at a port where nothing listens, so it is down throughout.
 
 import os
 import pty
-import re
 import select
-import signal
-import socket
 import struct
 import subprocess
 import tempfile
@@ -21,10 +18,9 @@ import tty
 
 import paho.mqtt.client as mqtt
 import pytest
+from brokers import Outpost, free_port
 from wire import crc16
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.environ.get("OUTPOST_BIN", os.path.join(ROOT, "target", "debug", "outpost"))
 TIMEOUT = 10
 
 
@@ -57,24 +53,16 @@ class Pty:
         os.close(self.slave)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Site:
-    def __init__(self, proc, port, d, ports):
-        self.proc, self.mqtt, self.dir, self.ports = proc, port, d, ports
-        self.log = []
+    def __init__(self, broker, ports):
+        self.broker, self.mqtt, self.dir, self.ports = broker, broker.port, broker.dir, ports
 
     def logged(self, pattern, limit=TIMEOUT):
-        deadline = time.time() + limit
-        while time.time() < deadline:
-            if any(re.search(pattern, l) for l in list(self.log)):
-                return True
-            time.sleep(0.1)
-        return False
+        try:
+            self.broker.wait_log(pattern, limit)
+            return True
+        except AssertionError:
+            return False
 
     def output(self, chip, line):
         try:
@@ -96,9 +84,7 @@ def site():
         os.mkdir(rules)
         with open(os.path.join(rules, "rules.toml"), "w") as f:
             f.write('[[out]]\nfilter = "site/#"\nqos = 1\n')
-        cfg = os.path.join(d, "outpost.toml")
-        with open(cfg, "w") as f:
-            f.write(f"""
+        o = Outpost(d, f"""
 [gateway]
 id = "farm"
 data_dir = "{d}/data"
@@ -155,28 +141,10 @@ topic = "io/pump/set"
 state_topic = "io/pump"
 initial = "low"
 """)
-        proc = subprocess.Popen([BIN, "run", "--config", cfg], stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, RUST_LOG="info"))
-        port, lines, deadline = None, [], time.time() + 20
-        while port is None and time.time() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            m = re.search(r"and 5\.0 on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-        assert port, "outpost did not start:\n" + "".join(lines)
-        s = Site(proc, port, d, ports)
-        s.log.extend(lines)
-
-        def drain():
-            for l in proc.stderr:
-                s.log.append(l)
-
-        threading.Thread(target=drain, daemon=True).start()
-        assert s.logged(r"serial port open.*port=tank"), "".join(s.log)
+        s = Site(o, ports)
+        o.wait_log(r"serial port open.*port=tank")
         yield s
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0, "".join(s.log[-30:])
+        o.stop()
         # The pump's safe level after shutdown.
         assert s.output("sim0", 27) == "0"
         for p in ports.values():
