@@ -1,7 +1,6 @@
 """outpost against paho-mqtt (Python), a client we did not write: MQTT 3.1.1 and 5.0, QoS 0/1/2,
 retained messages, wills, persistent sessions, and the MQTT 5 features a client can see."""
 
-import os
 import queue
 import subprocess
 import sys
