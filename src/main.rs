@@ -179,10 +179,31 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
     for l in &c.listeners {
         let anonymous = match l.kind {
             outpost::config::ListenerKind::MqttSnSerial => "",
+            _ if l.identity_is_username() => " (client certificate is the login)",
             _ if l.allows_anonymous() => " (anonymous allowed)",
             _ => " (log in required)",
         };
-        println!("listener:     {:?} on {}{anonymous}", l.kind, l.place());
+        println!(
+            "listener:     {} on {}{anonymous}",
+            l.kind.name(),
+            l.place()
+        );
+        if l.kind.is_tls() {
+            outpost::io::tls::server_config(l)
+                .map_err(|e| anyhow::anyhow!("listener {}: {e}", l.place()))?;
+            let cert = l.cert_file.as_deref().unwrap_or(std::path::Path::new(""));
+            let mutual = match (&l.client_ca, l.require_certificate) {
+                (None, _) => String::new(),
+                (Some(ca), Some(false)) => {
+                    format!(", client certificates optional ({})", ca.display())
+                }
+                (Some(ca), _) => format!(", client certificates required ({})", ca.display()),
+            };
+            println!("  tls:        {}{mutual}", cert.display());
+        }
+        if let Some(m) = &l.mount_point {
+            println!("  mount_point: {m:?}");
+        }
     }
     let sn_used = c.listeners.iter().any(|l| {
         matches!(

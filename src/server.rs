@@ -27,6 +27,7 @@ use crate::io::mqttsn_udp::Udp;
 use crate::io::store_link::{StoreLink, COMMITS_QUEUE};
 use crate::io::uplink::{self, UplinkSetup};
 use crate::io::{gpio, serial};
+use crate::proto::mqtt::mount::MountPoint;
 use crate::proto::mqtt::server::ServerLimits;
 use crate::proto::mqttsn::gateway::{Gateway, GatewayConfig, Predefined, SN_CONN_BASE};
 use crate::status::Board;
@@ -83,6 +84,9 @@ pub enum ServerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A TLS listener's certificate, key or client CA could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A serial port for MQTT-SN could not be opened.
     #[error("cannot open serial port {device}")]
     Serial {
@@ -304,6 +308,8 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
         throttle: std::sync::Mutex::default(),
     });
     let mut accept_tasks = Vec::new();
+    // The TLS listeners' settings by listener index, for reload to swap.
+    let mut tls_slots = Vec::new();
     let sn_cfg = Arc::new(config.mqttsn.clone());
     for (index, l) in config.listeners.iter().enumerate() {
         match l.kind {
@@ -341,25 +347,50 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
                     stop_rx.clone(),
                 )));
             }
-            ListenerKind::Mqtt => {
+            kind => {
+                let tls = match kind.is_tls() {
+                    true => {
+                        let cfg = crate::io::tls::server_config(l).map_err(|e| {
+                            ServerError::Tls(format!("listener {}: {e}", l.place()))
+                        })?;
+                        let slot = Arc::new(crate::io::tls::ServerSlot::new(cfg));
+                        tls_slots.push((index, slot.clone()));
+                        Some(slot)
+                    }
+                    false => None,
+                };
                 let listener =
                     TcpListener::bind(l.addr())
                         .await
                         .map_err(|source| ServerError::Bind {
-                            kind: "mqtt",
+                            kind: kind.name(),
                             addr: l.addr(),
                             source,
                         })?;
                 let addr = listener.local_addr().unwrap_or(l.addr());
-                tracing::info!(kind = "mqtt", %addr, "listening for MQTT 3.1, 3.1.1 and 5.0 on {addr}");
-                let anonymous = l.allows_anonymous();
-                if !anonymous {
+                let over = match kind {
+                    ListenerKind::Mqtts => " over TLS",
+                    ListenerKind::Ws => " over WebSocket",
+                    ListenerKind::Wss => " over WebSocket and TLS",
+                    _ => "",
+                };
+                tracing::info!(kind = kind.name(), %addr, "listening for MQTT 3.1, 3.1.1 and 5.0{over} on {addr}");
+                let front = mqtt_listener::Front {
+                    allow_anonymous: l.allows_anonymous(),
+                    tls,
+                    websocket: matches!(kind, ListenerKind::Ws | ListenerKind::Wss),
+                    identity_as_username: l.identity_is_username(),
+                    mount: l.mount_point.clone().map(MountPoint::new),
+                };
+                if front.identity_as_username {
+                    tracing::info!(%addr, "the client certificate's Common Name is the user name on {addr}");
+                } else if !front.allow_anonymous {
                     tracing::info!(%addr, "clients without a user name are refused on {addr}");
                 }
                 accept_tasks.push(tokio::spawn(mqtt_listener::serve(
                     listener,
                     shared.clone(),
-                    anonymous,
+                    Arc::new(front),
                     stop_rx.clone(),
                 )));
             }
@@ -455,6 +486,7 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
                     &mut running,
                     started_rules.as_ref(),
                     &shared,
+                    &tls_slots,
                     &hub_tx,
                 )
                 .await;
@@ -506,14 +538,15 @@ struct StartedRules {
 }
 
 /// Reads the config file again and applies what can change while running: the password and
-/// ACL files, and the uplink's `[[out]]` rules. Everything is loaded and checked before anything
-/// is applied, so a broken file changes nothing. Settings that need sockets or devices reopened
-/// are named in the result as waiting for a restart.
+/// ACL files, the TLS listeners' certificates, and the uplink's `[[out]]` rules. Everything is
+/// loaded and checked before anything is applied, so a broken file changes nothing. Settings
+/// that need sockets or devices reopened are named in the result as waiting for a restart.
 async fn reload(
     source: Option<&std::path::Path>,
     running: &mut Config,
     started: Option<&StartedRules>,
     shared: &ListenerShared,
+    tls_slots: &[(usize, Arc<crate::io::tls::ServerSlot>)],
     hub: &mpsc::Sender<HubMsg>,
 ) -> Result<String, String> {
     let Some(path) = source else {
@@ -521,6 +554,17 @@ async fn reload(
     };
     let new = Config::load(path).map_err(|e| e.to_string())?;
     let auth = load_auth(&new).map_err(|e| e.to_string())?;
+    // Certificates are read again from the files the listeners were started with (renewed in
+    // place); a listener that names other files waits for a restart like any listener change.
+    let mut certs = Vec::new();
+    for (index, slot) in tls_slots {
+        let Some(l) = running.listeners.get(*index) else {
+            continue;
+        };
+        let cfg =
+            crate::io::tls::server_config(l).map_err(|e| format!("listener {}: {e}", l.place()))?;
+        certs.push((slot, cfg));
+    }
     let gateway = new.gateway_id();
     let rules = match &new.uplink {
         Some(u) => Some(
@@ -568,6 +612,10 @@ async fn reload(
     if let Ok(mut p) = shared.passwords.write() {
         *p = auth.passwords.clone();
     }
+    let tls_listeners = certs.len();
+    for (slot, cfg) in certs {
+        slot.swap(cfg);
+    }
     let acl_rules = auth.acl.as_ref().map_or(0, |a| a.len());
     let users = auth.passwords.as_ref().map_or(0, |p| p.len());
     let out_rules = outs.as_ref().map(Vec::len);
@@ -578,18 +626,18 @@ async fn reload(
     .await
     .map_err(|_| "the hub has stopped".to_owned())?;
     running.auth = new.auth.clone();
-    if restart.is_empty() {
-        Ok(format!(
-            "{users} users, {acl_rules} ACL rules{}",
-            out_rules.map_or(String::new(), |n| format!(", {n} out rules"))
-        ))
-    } else {
-        tracing::warn!(changed = %restart.join(", "), "these changes take effect at the next restart");
-        Ok(format!(
-            "{users} users, {acl_rules} ACL rules; waiting for a restart: {}",
-            restart.join(", ")
-        ))
+    let mut note = format!("{users} users, {acl_rules} ACL rules");
+    if let Some(n) = out_rules {
+        note += &format!(", {n} out rules");
     }
+    if tls_listeners > 0 {
+        note += &format!(", certificates of {tls_listeners} TLS listeners");
+    }
+    if !restart.is_empty() {
+        tracing::warn!(changed = %restart.join(", "), "these changes take effect at the next restart");
+        note += &format!("; waiting for a restart: {}", restart.join(", "));
+    }
+    Ok(note)
 }
 
 /// Wall-clock Unix milliseconds, read once at startup to anchor the hub's clock.

@@ -3,6 +3,7 @@
 //! and keep the old one.
 
 pub mod acl;
+pub mod cert;
 pub mod passwd;
 
 use std::path::PathBuf;
@@ -92,10 +93,12 @@ pub fn decide(
 }
 
 /// Slows down a source address that keeps failing to log in: after the n-th failure in a row
-/// it waits `BASE << (n-1)` (at most `MAX`) before its next attempt is even looked at. A
-/// success clears it. Sans-IO: time is an argument.
+/// its attempts are looked at no more often than one per `BASE << (n-1)` (at most `MAX`),
+/// however many connections it opens at once: each attempt reserves the next slot before its
+/// password is checked. A success clears it. Sans-IO: time is an argument.
 #[derive(Debug, Default)]
 pub struct Throttle {
+    /// Failures in a row, and when the next attempt may be looked at.
     sources: std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>,
 }
 
@@ -106,9 +109,27 @@ impl Throttle {
     /// addresses is not slowed by a table anyway).
     const CAPACITY: usize = 10_000;
 
-    /// When `ip` may next be heard, if it must wait.
-    pub fn wait_until(&self, ip: std::net::IpAddr) -> Option<std::time::Instant> {
-        self.sources.get(&ip).map(|(_, t)| *t)
+    fn delay(failures: u32) -> std::time::Duration {
+        if failures == 0 {
+            return std::time::Duration::ZERO;
+        }
+        Self::BASE
+            .checked_mul(1u32 << (failures - 1).min(16))
+            .unwrap_or(Self::MAX)
+            .min(Self::MAX)
+    }
+
+    /// Books an attempt from `ip` at `now`: returns when it may be looked at, if it must wait,
+    /// and moves the source's next slot on by its delay, so parallel attempts queue up.
+    pub fn reserve(
+        &mut self,
+        ip: std::net::IpAddr,
+        now: std::time::Instant,
+    ) -> Option<std::time::Instant> {
+        let (failures, next) = self.sources.get_mut(&ip)?;
+        let at = (*next).max(now);
+        *next = at + Self::delay(*failures);
+        (at > now).then_some(at)
     }
 
     /// Records a failure at `now`; returns the failures in a row.
@@ -118,11 +139,7 @@ impl Throttle {
         }
         let e = self.sources.entry(ip).or_insert((0, now));
         e.0 = e.0.saturating_add(1);
-        let delay = Self::BASE
-            .checked_mul(1u32 << (e.0 - 1).min(16))
-            .unwrap_or(Self::MAX)
-            .min(Self::MAX);
-        e.1 = now + delay;
+        e.1 = e.1.max(now + Self::delay(e.0));
         e.0
     }
 
@@ -164,17 +181,40 @@ mod tests {
         let t0 = Instant::now();
         let ip = "10.0.0.9".parse().unwrap();
         let mut t = Throttle::default();
-        assert_eq!(t.wait_until(ip), None);
+        assert_eq!(t.reserve(ip, t0), None);
         t.failed(ip, t0);
-        assert_eq!(t.wait_until(ip), Some(t0 + Duration::from_millis(250)));
+        assert_eq!(t.reserve(ip, t0), Some(t0 + Duration::from_millis(250)));
         t.failed(ip, t0);
         t.failed(ip, t0);
-        assert_eq!(t.wait_until(ip), Some(t0 + Duration::from_secs(1)));
+        // Three failures: one attempt per second from here.
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(t.reserve(ip, t1), None);
         for _ in 0..40 {
-            t.failed(ip, t0);
+            t.failed(ip, t1);
         }
-        assert_eq!(t.wait_until(ip), Some(t0 + Throttle::MAX));
+        assert_eq!(t.reserve(ip, t1), Some(t1 + Throttle::MAX));
         t.succeeded(ip);
-        assert_eq!(t.wait_until(ip), None);
+        assert_eq!(t.reserve(ip, t1), None);
+    }
+
+    #[test]
+    fn parallel_attempts_queue_up() {
+        let t0 = Instant::now();
+        let ip = "10.0.0.7".parse().unwrap();
+        let other = "10.0.0.8".parse().unwrap();
+        let mut t = Throttle::default();
+        t.failed(ip, t0);
+        t.failed(ip, t0);
+        // Two failures: 500 ms apart. Five connections at once wait 0.5, 1, 1.5, 2, 2.5 s.
+        let slots: Vec<_> = (0..5).map(|_| t.reserve(ip, t0)).collect();
+        let want: Vec<_> = (1..=5)
+            .map(|i| Some(t0 + Duration::from_millis(500 * i)))
+            .collect();
+        assert_eq!(slots, want);
+        // A failure in the meantime never pulls the queue forward.
+        t.failed(ip, t0);
+        assert!(t.reserve(ip, t0) >= Some(t0 + Duration::from_millis(3000)));
+        // Other sources are not held up.
+        assert_eq!(t.reserve(other, t0), None);
     }
 }

@@ -176,10 +176,40 @@ fn default_sys_interval() -> Duration {
 pub enum ListenerKind {
     /// Plain MQTT over TCP, every protocol level on one port.
     Mqtt,
+    /// MQTT over TLS (`cert_file`, `key_file`; `client_ca` for mutual TLS).
+    Mqtts,
+    /// MQTT over WebSocket (subprotocol `mqtt`), for browser pages on the site LAN.
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
     /// The MQTT-SN gateway over UDP.
     MqttSn,
     /// The MQTT-SN gateway over a serial port, in SLIP frames (see README).
     MqttSnSerial,
+}
+
+impl ListenerKind {
+    /// The kinds that speak MQTT proper, over TCP.
+    pub fn is_mqtt(self) -> bool {
+        matches!(self, Self::Mqtt | Self::Mqtts | Self::Ws | Self::Wss)
+    }
+
+    /// The kinds that speak TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Self::Mqtts | Self::Wss)
+    }
+
+    /// As written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mqtt => "mqtt",
+            Self::Mqtts => "mqtts",
+            Self::Ws => "ws",
+            Self::Wss => "wss",
+            Self::MqttSn => "mqtt-sn",
+            Self::MqttSnSerial => "mqtt-sn-serial",
+        }
+    }
 }
 
 /// `[[listener]]`.
@@ -207,6 +237,26 @@ pub struct Listener {
     /// false elsewhere; see `allows_anonymous`.
     #[serde(default)]
     pub allow_anonymous: Option<bool>,
+    /// `mqtts`/`wss`: the server's certificate chain (PEM).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// `mqtts`/`wss`: the server's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// `mqtts`/`wss`: CA certificates that sign client certificates; turns on mutual TLS.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: whether a client without a certificate is refused (default true).
+    #[serde(default)]
+    pub require_certificate: Option<bool>,
+    /// With `client_ca`: the client certificate's Common Name is the user name, and the
+    /// password file is not consulted (mosquitto's option of the same name).
+    #[serde(default)]
+    pub use_identity_as_username: Option<bool>,
+    /// A prefix put before every topic a client of this listener uses, and taken off every
+    /// topic it is sent, so it sees only its own subtree (mosquitto's `mount_point`).
+    #[serde(default)]
+    pub mount_point: Option<String>,
 }
 
 impl Listener {
@@ -225,13 +275,64 @@ impl Listener {
     }
 
     fn tcp(&self) -> bool {
-        self.kind == ListenerKind::Mqtt
+        self.kind.is_mqtt()
+    }
+
+    /// Whether a client certificate is the login (`use_identity_as_username`).
+    pub fn identity_is_username(&self) -> bool {
+        self.use_identity_as_username == Some(true)
     }
 
     /// Whether clients without a user name get in: as written, else only on loopback.
     pub fn allows_anonymous(&self) -> bool {
         self.allow_anonymous
             .unwrap_or(self.bind.map_or(true, |b| b.ip().is_loopback()))
+    }
+
+    /// What is wrong with the TLS and `mount_point` keys for this kind of listener.
+    fn tls_problem(&self) -> Option<String> {
+        let tls_keys = self.cert_file.is_some()
+            || self.key_file.is_some()
+            || self.client_ca.is_some()
+            || self.require_certificate.is_some()
+            || self.use_identity_as_username.is_some();
+        if self.kind.is_tls() {
+            if self.cert_file.is_none() || self.key_file.is_none() {
+                return Some(format!(
+                    "a {} listener needs `cert_file` and `key_file`",
+                    self.kind.name()
+                ));
+            }
+            if self.client_ca.is_none()
+                && (self.require_certificate.is_some() || self.use_identity_as_username.is_some())
+            {
+                return Some(
+                    "`require_certificate` and `use_identity_as_username` need `client_ca`".into(),
+                );
+            }
+            if self.identity_is_username() && self.require_certificate == Some(false) {
+                return Some(
+                    "`use_identity_as_username` needs every client to show a certificate (require_certificate = true)".into(),
+                );
+            }
+        } else if tls_keys {
+            return Some(format!(
+                "`cert_file`, `key_file`, `client_ca`, `require_certificate` and `use_identity_as_username` are for mqtts and wss listeners, not {}",
+                self.kind.name()
+            ));
+        }
+        if let Some(m) = &self.mount_point {
+            if !self.kind.is_mqtt() {
+                return Some("`mount_point` is for mqtt, mqtts, ws and wss listeners".into());
+            }
+            if m.is_empty() || m.contains(['+', '#', '\0']) {
+                return Some(
+                    "`mount_point` must be a topic prefix without wildcards, such as \"site1/\""
+                        .into(),
+                );
+            }
+        }
+        None
     }
 }
 
@@ -315,6 +416,12 @@ impl Config {
                     crc: None,
                     qos_minus_one: None,
                     allow_anonymous: None,
+                    cert_file: None,
+                    key_file: None,
+                    client_ca: None,
+                    require_certificate: None,
+                    use_identity_as_username: None,
+                    mount_point: None,
                 });
             }
         }
@@ -330,6 +437,12 @@ impl Config {
                     crc: None,
                     qos_minus_one: None,
                     allow_anonymous: None,
+                    cert_file: None,
+                    key_file: None,
+                    client_ca: None,
+                    require_certificate: None,
+                    use_identity_as_username: None,
+                    mount_point: None,
                 });
             }
         }
@@ -352,11 +465,8 @@ impl Config {
             return Err(at("connect_timeout", "must be more than 0s".into()));
         }
         for (i, l) in self.listeners.iter().enumerate() {
-            let kind = match l.kind {
-                ListenerKind::Mqtt => "\"mqtt\"",
-                ListenerKind::MqttSn => "\"mqtt-sn\"",
-                ListenerKind::MqttSnSerial => "\"mqtt-sn-serial\"",
-            };
+            let kind = format!("\"{}\"", l.kind.name());
+            let kind = kind.as_str();
             let pos = text.match_indices(kind).nth(
                 self.listeners[..i]
                     .iter()
@@ -364,8 +474,15 @@ impl Config {
                     .count(),
             );
             let here = |msg: &str| invalid(path, text, pos.map_or(0, |(p, _)| p), msg.into());
+            if let Some(msg) = l.tls_problem() {
+                return Err(here(&msg));
+            }
             match l.kind {
-                ListenerKind::Mqtt | ListenerKind::MqttSn => {
+                ListenerKind::Mqtt
+                | ListenerKind::Mqtts
+                | ListenerKind::Ws
+                | ListenerKind::Wss
+                | ListenerKind::MqttSn => {
                     if l.bind.is_none() {
                         return Err(here("this listener needs `bind`"));
                     }
@@ -396,11 +513,13 @@ impl Config {
             let Some(bind) = l.bind else { continue };
             let pos = key_in_table(text, "[[listener]]", i, "allow_anonymous");
             match l.kind {
-                ListenerKind::Mqtt
-                    if !l.allows_anonymous() && self.auth.password_file.is_none() =>
+                k if k.is_mqtt()
+                    && !l.allows_anonymous()
+                    && self.auth.password_file.is_none()
+                    && !l.identity_is_username() =>
                 {
                     return Err(invalid(path, text, pos, format!(
-                        "the listener on {bind} refuses anonymous clients{} and [auth] has no password_file, so nobody could log in: set password_file, or write allow_anonymous = true to open it",
+                        "the listener on {bind} refuses anonymous clients{} and [auth] has no password_file, so nobody could log in: set password_file or use_identity_as_username, or write allow_anonymous = true to open it",
                         if l.allow_anonymous.is_none() { " (it is not on loopback)" } else { "" }
                     )));
                 }

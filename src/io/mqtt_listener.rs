@@ -1,5 +1,8 @@
-//! The MQTT TCP listener: an accept loop with a connection limit, and one task per connection
-//! that drives `proto::mqtt::server::{Inbound, Outbound}` over the socket's two halves.
+//! The MQTT listeners (`mqtt`, `mqtts`, `ws`, `wss`): an accept loop with a connection limit,
+//! and one task per connection that does the TLS and WebSocket handshakes its listener asks
+//! for, then drives `proto::mqtt::server::{Inbound, Outbound}` over the stream's two halves.
+//! Logins (passwords, client certificates) and `mount_point` are handled here, so the hub sees
+//! only authenticated clients and whole topics.
 //!
 //! Reading and writing run concurrently so that a client which stops reading cannot stop us
 //! from reading its packets, and the reverse. Each half waits on a bounded channel: the reader
@@ -10,8 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
@@ -20,6 +22,7 @@ use super::hub_task::{HubMsg, Link, LinkItem, LinkState, LINK_QUEUE};
 use super::sleep_until_opt;
 use crate::auth::{self, Passwords, Throttle};
 use crate::hub::{ConnId, HubInput};
+use crate::proto::mqtt::mount::MountPoint;
 use crate::proto::mqtt::server::{CloseReason, InEvent, Inbound, Outbound, ServerLimits};
 use crate::proto::mqtt::{ConnAck, Packet, Version};
 
@@ -42,11 +45,23 @@ pub struct ListenerShared {
     pub throttle: std::sync::Mutex<Throttle>,
 }
 
+/// What one listener adds to a plain MQTT socket.
+pub struct Front {
+    pub allow_anonymous: bool,
+    /// `mqtts`/`wss`: the TLS settings, which a reload may swap.
+    pub tls: Option<Arc<super::tls::ServerSlot>>,
+    /// `ws`/`wss`.
+    pub websocket: bool,
+    /// The client certificate's Common Name is the login.
+    pub identity_as_username: bool,
+    pub mount: Option<MountPoint>,
+}
+
 /// Accepts connections until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<ListenerShared>,
-    allow_anonymous: bool,
+    front: Arc<Front>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(5);
@@ -76,21 +91,100 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
+        let front = front.clone();
         tokio::spawn(async move {
-            connection(stream, peer, conn, shared, allow_anonymous).await;
+            open(stream, peer, conn, &shared, &front).await;
             drop(permit);
         });
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+/// Does the handshakes the listener asks for, each within the CONNECT timeout, then runs the
+/// connection. A failed handshake closes the socket; nothing reached the hub.
+async fn open(
+    tcp: TcpStream,
     peer: SocketAddr,
     conn: ConnId,
-    shared: Arc<ListenerShared>,
-    allow_anonymous: bool,
+    shared: &ListenerShared,
+    front: &Front,
 ) {
-    let (mut rd, wr) = stream.into_split();
+    let limit = shared.limits.connect_timeout;
+    // MQTT packets may share a WebSocket message, so allow a few beside the largest one.
+    let max_message = shared.limits.max_packet_size as usize + 64 * 1024;
+    let Some(slot) = &front.tls else {
+        if !front.websocket {
+            return connection(tcp, peer, conn, shared, front, None).await;
+        }
+        match handshake(
+            peer,
+            "WebSocket",
+            limit,
+            super::ws::accept(tcp, max_message),
+        )
+        .await
+        {
+            Some(ws) => connection(ws, peer, conn, shared, front, None).await,
+            None => return,
+        }
+        return;
+    };
+    let accept = async { slot.accept(tcp).await.map_err(|e| e.to_string()) };
+    let Some(tls) = handshake(peer, "TLS", limit, accept).await else {
+        return;
+    };
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|cert| auth::cert::common_name(cert));
+    if !front.websocket {
+        return connection(tls, peer, conn, shared, front, identity).await;
+    }
+    if let Some(ws) = handshake(
+        peer,
+        "WebSocket",
+        limit,
+        super::ws::accept(tls, max_message),
+    )
+    .await
+    {
+        connection(ws, peer, conn, shared, front, identity).await;
+    }
+}
+
+/// One handshake, bounded in time; a failure is logged with the peer.
+async fn handshake<T>(
+    peer: SocketAddr,
+    what: &str,
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, String>>,
+) -> Option<T> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(error)) => {
+            tracing::info!(%peer, %error, "{what} handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "{what} handshake timed out");
+            None
+        }
+    }
+}
+
+async fn connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    conn: ConnId,
+    shared: &ListenerShared,
+    front: &Front,
+    identity: Option<String>,
+) where
+    S: AsyncRead + AsyncWrite + Send,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    tokio::pin!(rd);
     let (tx, rx) = mpsc::channel(LINK_QUEUE);
     let state = Arc::new(LinkState::default());
     let link = Link {
@@ -100,15 +194,16 @@ async fn connection(
     };
     let attached = std::sync::atomic::AtomicBool::new(false);
     let mut reader = Box::pin(read_loop(
-        &mut rd,
+        rd.as_mut(),
         peer,
         conn,
-        &shared,
-        allow_anonymous,
+        shared,
+        front,
+        identity,
         link,
         &attached,
     ));
-    let writer = write_loop(wr, rx, state, conn, &shared.hub, &shared.board);
+    let writer = write_loop(wr, rx, state, conn, shared, front.mount.as_ref());
     tokio::pin!(writer);
     let closed = tokio::select! {
         r = &mut reader => Some(r),
@@ -141,14 +236,22 @@ async fn connection(
         None => {}
     }
     drop(reader);
-    linger(&mut rd).await;
+    linger(rd.as_mut()).await;
 }
 
 /// Encodes one link item. Returns false once nothing more may be written: after a DISCONNECT
 /// ([MQTT-3.14.4-1]: it is the last packet on the connection) or at `Close`.
-fn feed(item: LinkItem, machine: &mut Outbound, out: &mut Vec<u8>) -> bool {
+fn feed(
+    item: LinkItem,
+    machine: &mut Outbound,
+    out: &mut Vec<u8>,
+    mount: Option<&MountPoint>,
+) -> bool {
     match item {
-        LinkItem::Packet(p) => {
+        LinkItem::Packet(mut p) => {
+            if let Some(m) = mount {
+                m.outbound(&mut p);
+            }
             let last = matches!(p, Packet::Disconnect(_));
             machine.encode(p, out);
             !last
@@ -164,7 +267,7 @@ fn feed(item: LinkItem, machine: &mut Outbound, out: &mut Vec<u8>) -> bool {
 /// Our write side is shut down (FIN sent). Closing a socket that still has unread input makes
 /// the kernel answer with RST, and an RST can destroy the DISCONNECT we just wrote before the
 /// client reads it. So read and discard until the client closes too, bounded in time and bytes.
-async fn linger(rd: &mut OwnedReadHalf) {
+async fn linger(mut rd: std::pin::Pin<&mut impl AsyncRead>) {
     let mut buf = [0u8; 4096];
     let mut left = LINGER_BYTES;
     let _ = tokio::time::timeout(LINGER, async {
@@ -178,12 +281,14 @@ async fn linger(rd: &mut OwnedReadHalf) {
     .await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn read_loop(
-    rd: &mut OwnedReadHalf,
+    mut rd: std::pin::Pin<&mut impl AsyncRead>,
     peer: SocketAddr,
     conn: ConnId,
     shared: &ListenerShared,
-    allow_anonymous: bool,
+    front: &Front,
+    identity: Option<String>,
     link: Link,
     attached: &std::sync::atomic::AtomicBool,
 ) -> (CloseReason, Option<Packet>) {
@@ -204,10 +309,18 @@ async fn read_loop(
         while let Some(ev) = machine.poll_event() {
             match ev {
                 InEvent::Connect {
-                    connect,
+                    mut connect,
                     keep_alive,
                 } => {
-                    if let Err(code) = login(shared, allow_anonymous, peer, &connect).await {
+                    let verdict = if front.identity_as_username {
+                        identity_login(identity.as_deref(), peer, &mut connect)
+                    } else {
+                        login(shared, front.allow_anonymous, peer, &connect).await
+                    };
+                    if let Some(m) = &front.mount {
+                        m.connect(&mut connect);
+                    }
+                    if let Err(code) = verdict {
                         let _ = link.tx.try_send(LinkItem::Configure {
                             version: connect.version,
                             alias_max: 0,
@@ -257,7 +370,10 @@ async fn read_loop(
                     };
                     let _ = link.tx.try_send(LinkItem::Packet(Packet::ConnAck(ack)));
                 }
-                InEvent::Packet(packet) => {
+                InEvent::Packet(mut packet) => {
+                    if let Some(m) = &front.mount {
+                        m.inbound(&mut packet);
+                    }
                     let input = HubInput::Packet { conn, packet };
                     if shared.hub.send(HubMsg::Input(input)).await.is_err() {
                         return (CloseReason::ServerClosed, None);
@@ -292,8 +408,25 @@ async fn read_loop(
     }
 }
 
+/// `use_identity_as_username`: the verified client certificate's Common Name replaces
+/// whatever user name the CONNECT carried, and no password is checked, as in mosquitto.
+fn identity_login(
+    identity: Option<&str>,
+    peer: SocketAddr,
+    connect: &mut crate::proto::mqtt::Connect,
+) -> Result<(), u8> {
+    let Some(cn) = identity else {
+        tracing::warn!(%peer, client = %connect.client_id, "login refused: the client certificate has no Common Name");
+        return Err(auth::Refusal::NotAuthorized.code(connect.version.is_v5()));
+    };
+    connect.username = Some(cn.to_owned());
+    connect.password = None;
+    Ok(())
+}
+
 /// Checks a CONNECT's credentials, after any wait its source owes for earlier failures;
-/// returns the CONNACK code of a refusal.
+/// returns the CONNACK code of a refusal. The hash is computed on a blocking thread: PBKDF2
+/// at a high iteration count would otherwise hold a runtime worker.
 async fn login(
     shared: &ListenerShared,
     allow_anonymous: bool,
@@ -301,17 +434,30 @@ async fn login(
     connect: &crate::proto::mqtt::Connect,
 ) -> Result<(), u8> {
     let ip = peer.ip();
-    let wait = shared.throttle.lock().ok().and_then(|t| t.wait_until(ip));
+    let now = Instant::now().into_std();
+    let wait = shared
+        .throttle
+        .lock()
+        .ok()
+        .and_then(|mut t| t.reserve(ip, now));
     if let Some(t) = wait {
         tokio::time::sleep_until(Instant::from_std(t)).await;
     }
     let passwords = shared.passwords.read().ok().and_then(|p| p.clone());
-    let verdict = auth::decide(
-        passwords.as_deref(),
-        allow_anonymous,
-        connect.username.as_deref(),
-        connect.password.as_deref(),
-    );
+    let username = connect.username.clone();
+    let password = connect.password.clone();
+    let check = move || {
+        auth::decide(
+            passwords.as_deref(),
+            allow_anonymous,
+            username.as_deref(),
+            password.as_deref(),
+        )
+    };
+    let verdict = match tokio::task::spawn_blocking(check).await {
+        Ok(v) => v,
+        Err(_) => Err(auth::Refusal::NotAuthorized),
+    };
     let Ok(mut throttle) = shared.throttle.lock() else {
         return verdict.map_err(|r| r.code(connect.version.is_v5()));
     };
@@ -334,13 +480,15 @@ async fn login(
 }
 
 async fn write_loop(
-    mut wr: OwnedWriteHalf,
+    wr: impl AsyncWrite,
     mut rx: mpsc::Receiver<LinkItem>,
     state: Arc<LinkState>,
     conn: ConnId,
-    hub: &mpsc::Sender<HubMsg>,
-    board: &crate::status::Board,
+    shared: &ListenerShared,
+    mount: Option<&MountPoint>,
 ) {
+    let (hub, board) = (&shared.hub, &shared.board);
+    let mut wr = std::pin::pin!(wr);
     // Until CONNECT arrives only a refusal can be written, and that uses 3.1.1 framing.
     let mut machine = Outbound::new(Version::V311, 0);
     let mut out = Vec::with_capacity(16 * 1024);
@@ -357,7 +505,7 @@ async fn write_loop(
         let Some(mut item) = first else { break };
         // Batch whatever is already queued into one write.
         loop {
-            if !feed(item, &mut machine, &mut out) {
+            if !feed(item, &mut machine, &mut out, mount) {
                 open = false;
                 break;
             }
@@ -372,14 +520,15 @@ async fn write_loop(
         if closing && open {
             // The hub asked us to close: write what it queued before that, then stop.
             while let Ok(it) = rx.try_recv() {
-                if !feed(it, &mut machine, &mut out) {
+                if !feed(it, &mut machine, &mut out, mount) {
                     break;
                 }
             }
             open = false;
         }
         if !out.is_empty() {
-            if wr.write_all(&out).await.is_err() {
+            // TLS and WebSocket streams hold writes until flushed; TCP's flush is free.
+            if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
                 break;
             }
             board.add_sent(out.len());

@@ -1,7 +1,8 @@
-//! MQTT over WebSocket for the uplink (ws://, wss://), for networks that only let HTTPS out:
-//! the client handshake with subprotocol `mqtt`, and an adapter that makes the WebSocket look
-//! like a byte stream to the driver. Each write becomes one binary message; MQTT packets may
-//! span messages or share one ([MQTT-6.0.0-2]), so reads hand out bytes as they come.
+//! MQTT over WebSocket, both ways: the client handshake for the uplink (ws://, wss://, for
+//! networks that only let HTTPS out), the server handshake for `ws`/`wss` listeners (browser
+//! pages on the site LAN), and an adapter that makes a WebSocket look like a byte stream to
+//! either. Each write becomes one binary message; MQTT packets may span messages or share one
+//! ([MQTT-6.0.0-2]), so reads hand out bytes as they come.
 
 use std::io;
 use std::pin::Pin;
@@ -11,7 +12,8 @@ use bytes::{Buf, Bytes};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -61,6 +63,66 @@ where
         inner: ws,
         rbuf: Bytes::new(),
     })
+}
+
+/// The server side of the handshake, for a listener. The client must offer subprotocol `mqtt`
+/// (or `mqttv3.1`, which 3.1 clients send), which we echo. A request that names no
+/// subprotocol at all is taken as MQTT too; one that offers only others is refused with 400.
+/// Any path is accepted, as mosquitto does.
+pub async fn accept<S>(stream: S, max_message: usize) -> Result<WsStream<S>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cfg = WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    let choose = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let offered: Vec<&str> = req
+            .headers()
+            .get_all("Sec-WebSocket-Protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        match pick_subprotocol(&offered) {
+            Ok(Some(p)) => {
+                resp.headers_mut()
+                    .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(p));
+                Ok(resp)
+            }
+            Ok(None) => Ok(resp),
+            Err(()) => {
+                let mut refusal = ErrorResponse::new(Some(
+                    "this endpoint speaks MQTT: offer WebSocket subprotocol mqtt".into(),
+                ));
+                *refusal.status_mut() = StatusCode::BAD_REQUEST;
+                Err(refusal)
+            }
+        }
+    };
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, choose, Some(cfg))
+        .await
+        .map_err(|e| format!("WebSocket handshake: {e}"))?;
+    Ok(WsStream {
+        inner: ws,
+        rbuf: Bytes::new(),
+    })
+}
+
+/// Which offered subprotocol to answer with: `Ok(None)` when none was offered, `Err` when
+/// none of those offered is MQTT.
+fn pick_subprotocol(offered: &[&str]) -> Result<Option<&'static str>, ()> {
+    if offered.is_empty() {
+        return Ok(None);
+    }
+    if offered.iter().any(|p| p.eq_ignore_ascii_case("mqtt")) {
+        return Ok(Some("mqtt"));
+    }
+    if offered.iter().any(|p| p.eq_ignore_ascii_case("mqttv3.1")) {
+        return Ok(Some("mqttv3.1"));
+    }
+    Err(())
 }
 
 /// A WebSocket as a byte stream. Writes are queued as binary messages and pushed out by
@@ -130,5 +192,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         Pin::new(&mut self.get_mut().inner)
             .poll_close(cx)
             .map_err(other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subprotocol_choice() {
+        assert_eq!(pick_subprotocol(&[]), Ok(None));
+        assert_eq!(pick_subprotocol(&["mqtt"]), Ok(Some("mqtt")));
+        assert_eq!(pick_subprotocol(&["chat", "MQTT"]), Ok(Some("mqtt")));
+        assert_eq!(pick_subprotocol(&["mqttv3.1"]), Ok(Some("mqttv3.1")));
+        assert_eq!(pick_subprotocol(&["mqttv3.1", "mqtt"]), Ok(Some("mqtt")));
+        assert_eq!(pick_subprotocol(&["chat"]), Err(()));
     }
 }

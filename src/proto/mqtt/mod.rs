@@ -7,6 +7,7 @@
 pub mod client;
 pub mod decode;
 pub mod encode;
+pub mod mount;
 pub mod packet;
 pub mod server;
 
