@@ -448,10 +448,9 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
             stop_rx.clone(),
         )));
     }
-    systemd::ready(&format!(
-        "{} listener(s) up; {mode}",
-        config.listeners.len()
-    ));
+    let up = format!("{} listener(s) up; {mode}", config.listeners.len());
+    tracing::info!("ready: {up}");
+    systemd::ready(&up);
 
     let watchdog = systemd::watchdog_interval().map(|every| {
         let hub = hub_tx.clone();

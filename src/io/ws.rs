@@ -76,6 +76,8 @@ where
     let cfg = WebSocketConfig::default()
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message));
+    // The error type is tungstenite's, by its Callback trait.
+    #[allow(clippy::result_large_err)]
     let choose = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         let offered: Vec<&str> = req
             .headers()

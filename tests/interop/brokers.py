@@ -72,6 +72,13 @@ class Outpost(Process):
                          env=dict({"RUST_LOG": "info"}, **(env or {})))
         self.port = int(self.wait_log(r"and 5\.0 on 127\.0\.0\.1:(\d+)").group(1))
 
+    def ports(self, over=""):
+        """The bound ports of the MQTT listeners of one kind, in config order: `over` is "" for
+        mqtt, " over TLS", " over WebSocket" or " over WebSocket and TLS"."""
+        self.wait_log(r"ready: ")
+        pattern = re.compile(r"and 5\.0" + re.escape(over) + r" on 127\.0\.0\.1:(\d+)")
+        return [int(m.group(1)) for m in map(pattern.search, self.log) if m]
+
     def reload(self, config):
         """Writes a new config and sends SIGHUP; returns the log position before it."""
         with open(self.config, "w") as f:
