@@ -858,6 +858,57 @@ initial = "low"
     }
 
     #[test]
+    fn tls_websocket_and_mount_point_listeners() {
+        let l = |body: &str| format!("[[listener]]\nbind = \"0.0.0.0:8883\"\n{body}");
+        let e = err(&l("kind = \"mqtts\"\nallow_anonymous = true\n"));
+        assert!(e.contains("needs `cert_file` and `key_file`"), "{e}");
+        let e = err(&l(
+            "kind = \"mqtt\"\nallow_anonymous = true\ncert_file = \"c\"\n",
+        ));
+        assert!(
+            e.contains("are for mqtts and wss listeners, not mqtt"),
+            "{e}"
+        );
+        let tls = "cert_file = \"c.pem\"\nkey_file = \"k.pem\"\n";
+        let e = err(&l(&format!(
+            "kind = \"wss\"\n{tls}use_identity_as_username = true\n"
+        )));
+        assert!(e.contains("need `client_ca`"), "{e}");
+        let e = err(&l(&format!(
+            "kind = \"mqtts\"\n{tls}client_ca = \"ca\"\nrequire_certificate = false\nuse_identity_as_username = true\n"
+        )));
+        assert!(
+            e.contains("needs every client to show a certificate"),
+            "{e}"
+        );
+        // Off loopback without a password file: only a certificate login makes sense.
+        let e = err(&l(&format!("kind = \"mqtts\"\n{tls}client_ca = \"ca\"\n")));
+        assert!(e.contains("nobody could log in"), "{e}");
+        let c = parse(&l(&format!(
+            "kind = \"mqtts\"\n{tls}client_ca = \"ca\"\nuse_identity_as_username = true\n"
+        )))
+        .unwrap();
+        assert!(c.listeners[0].identity_is_username() && c.listeners[0].kind.is_tls());
+        let c = parse(&l(
+            "kind = \"ws\"\nallow_anonymous = true\nmount_point = \"site1/\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.listeners[0].mount_point.as_deref(), Some("site1/"));
+        assert!(c.listeners[0].kind.is_mqtt() && !c.listeners[0].kind.is_tls());
+        let e = err(&l(
+            "kind = \"mqtt\"\nallow_anonymous = true\nmount_point = \"a/#\"\n",
+        ));
+        assert!(e.contains("without wildcards"), "{e}");
+        let e = err(&l(
+            "kind = \"mqtt-sn\"\nallow_anonymous = true\nmount_point = \"a/\"\n",
+        ));
+        assert!(e.contains("`mount_point` is for"), "{e}");
+        // Two TCP listeners of different kinds on one address still clash.
+        let e = err("[[listener]]\nkind = \"mqtt\"\nbind = \"127.0.0.1:9\"\n[[listener]]\nkind = \"ws\"\nbind = \"127.0.0.1:9\"\n");
+        assert!(e.contains("bound by two listeners"), "{e}");
+    }
+
+    #[test]
     fn errors_name_line_column_and_key() {
         let e = err("[gateway]\nid = \"x\"\nfoo = 1\n");
         assert!(

@@ -645,7 +645,8 @@ impl Hub {
                         let row = stored_row(&self.persist.clock, s);
                         self.persist.ops.push(Op::SessionPut(row));
                     }
-                    self.publish_will(now, &id, w.will, out);
+                    let allowed = s.may(&self.cfg, &w.will.topic, Access::Write);
+                    self.publish_will(now, &id, w.will, allowed, out);
                 }
             }
             let expired = self
@@ -665,15 +666,14 @@ impl Hub {
     pub fn shutdown(&mut self, now: Instant, out: &mut dyn Outlet) {
         let mut wills = Vec::new();
         for s in self.sessions.values_mut() {
-            if let Some(w) = s.will.take() {
-                wills.push((s.id.clone(), w));
-            }
-            if let Some(p) = s.pending_will.take() {
-                wills.push((s.id.clone(), p.will));
+            let pending = s.pending_will.take().map(|p| p.will);
+            for w in s.will.take().into_iter().chain(pending) {
+                let allowed = s.may(&self.cfg, &w.topic, Access::Write);
+                wills.push((s.id.clone(), w, allowed));
             }
         }
-        for (id, w) in wills {
-            self.publish_will(now, &id, w, out);
+        for (id, w, allowed) in wills {
+            self.publish_will(now, &id, w, allowed, out);
         }
         for (conn, id) in self.conns.drain() {
             let v5 = self.sessions.get(&id).is_some_and(|s| s.version.is_v5());
@@ -1406,7 +1406,8 @@ impl Hub {
         if let Some(w) = will.filter(|_| why.publishes_will()) {
             let delay = will_delay(&w).min(expiry);
             if delay == 0 {
-                self.publish_will(now, &id, w, out);
+                let allowed = s.may(&self.cfg, &w.topic, Access::Write);
+                self.publish_will(now, &id, w, allowed, out);
             } else if let Some(s) = self.sessions.get_mut(&id) {
                 let due = now + Duration::from_secs(delay as u64);
                 s.pending_will = Some(PendingWill { will: w, due });
@@ -1447,12 +1448,27 @@ impl Hub {
                 self.subs.remove(p.share_group, p.filter, id);
             }
         }
-        if let Some(w) = s.pending_will {
-            self.publish_will(now, id, w.will, out);
+        if let Some(w) = &s.pending_will {
+            let allowed = s.may(&self.cfg, &w.will.topic, Access::Write);
+            self.publish_will(now, id, w.will.clone(), allowed, out);
         }
     }
 
-    fn publish_will(&mut self, now: Instant, id: &Arc<str>, w: Will, out: &mut dyn Outlet) {
+    /// Publishes a will, if the ACL in force now still lets its client write the topic: it
+    /// was checked at CONNECT, but a reload may have changed the rules since.
+    fn publish_will(
+        &mut self,
+        now: Instant,
+        id: &Arc<str>,
+        w: Will,
+        allowed: bool,
+        out: &mut dyn Outlet,
+    ) {
+        if !allowed {
+            self.stats.denied += 1;
+            tracing::info!(client = %id, topic = %w.topic, "will not published: the ACL no longer allows its topic");
+            return;
+        }
         let (props, expires_at) = message::end_to_end(w.properties, now);
         tracing::debug!(client = %id, topic = %w.topic, "publishing will");
         let msg = Arc::new(Message {

@@ -1059,3 +1059,31 @@ fn acl_refuses_a_will_the_client_may_not_publish() {
     c.will = will("site/alive", b"gone", QoS::AtLeastOnce);
     assert_eq!(t.connect_with(3, c).code, reason::SUCCESS);
 }
+
+#[test]
+fn acl_changed_by_a_reload_holds_back_a_will_granted_at_connect() {
+    let mut t = acl_hub(ACL);
+    connect_as(&mut t, 1, Version::V5, "watch", Some("alice"));
+    assert_eq!(
+        t.subscribe(1, "site/#", opts(QoS::AtLeastOnce), None),
+        vec![1]
+    );
+    for (conn, id) in [(2, "a"), (3, "b")] {
+        let mut c = connect(Version::V5, id, true);
+        c.username = Some("alice".into());
+        c.will = will(&format!("site/{id}/gone"), b"gone", QoS::AtLeastOnce);
+        assert_eq!(t.connect_with(conn, c).code, reason::SUCCESS);
+    }
+    // Under the rules it connected with, the will goes out.
+    t.close(2, LOST);
+    let got: Vec<_> = t.out.publishes(1).into_iter().map(|p| p.topic).collect();
+    assert_eq!(got, vec!["site/a/gone".to_owned()]);
+    // A reload takes alice's write access to site/b away: that will stays unsent.
+    let stricter = "user alice\ntopic read site/#\ntopic write site/a/#\n";
+    t.hub
+        .set_acl(Some(Arc::new(crate::auth::Acl::parse(stricter).unwrap())));
+    let denied = t.hub.stats().denied;
+    t.close(3, LOST);
+    assert!(t.out.publishes(1).is_empty());
+    assert_eq!(t.hub.stats().denied, denied + 1);
+}
