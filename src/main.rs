@@ -160,8 +160,16 @@ fn passwd(file: &std::path::Path, user: &str) -> anyhow::Result<()> {
     let tmp = file.with_extension("outpost-tmp");
     std::fs::write(&tmp, new).with_context(|| format!("cannot write {}", tmp.display()))?;
     {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640));
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // Keep the old file's owner and group (root:outpost as the package makes it), or the
+        // daemon could no longer read a file root rewrote. Only root may give a file away.
+        if let Ok(old) = std::fs::metadata(file) {
+            let mode = old.mode() & 0o777;
+            let _ = std::os::unix::fs::chown(&tmp, Some(old.uid()), Some(old.gid()));
+            let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode));
+        } else {
+            let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640));
+        }
     }
     std::fs::rename(&tmp, file).with_context(|| format!("cannot replace {}", file.display()))?;
     eprintln!("{user}: password set in {}", file.display());

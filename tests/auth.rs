@@ -167,3 +167,39 @@ fn logins_are_checked_with_the_right_codes_and_failures_slowed() {
     assert!(o.log().contains("login refused"), "{}", o.log());
     assert!(!publish_as(o.port, "alice", "wrong"));
 }
+
+/// The package makes /etc/outpost/passwd root:outpost 0640 so the daemon can read it; root
+/// rewriting it with `outpost passwd` must not hand it back to root's group.
+#[test]
+fn outpost_passwd_keeps_owner_group_and_mode() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("passwd");
+    std::fs::write(&file, "").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A group other than our own, where we may give one (root may; others keep theirs).
+    let gid = if running_as_root() {
+        4242
+    } else {
+        std::fs::metadata(&file).unwrap().gid()
+    };
+    let _ = std::os::unix::fs::chown(&file, None, Some(gid));
+    outpost_passwd(&file, "dave", "d4ve");
+    let m = std::fs::metadata(&file).unwrap();
+    assert_eq!(m.mode() & 0o777, 0o600);
+    assert_eq!(m.gid(), gid);
+    assert!(Passwords::load(&file).unwrap().verify("dave", b"d4ve"));
+    // A new file is 0640.
+    let fresh = dir.path().join("fresh");
+    outpost_passwd(&fresh, "erin", "3rin");
+    assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o640);
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid() == 0
+        })
+        .unwrap_or(false)
+}
