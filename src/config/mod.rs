@@ -260,6 +260,25 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// A listener of `kind` with nothing else set, for the ones outpost adds itself.
+    fn of_kind(kind: ListenerKind) -> Self {
+        Listener {
+            kind,
+            bind: None,
+            device: None,
+            baud: None,
+            crc: None,
+            qos_minus_one: None,
+            allow_anonymous: None,
+            cert_file: None,
+            key_file: None,
+            client_ca: None,
+            require_certificate: None,
+            use_identity_as_username: None,
+            mount_point: None,
+        }
+    }
+
     /// The address of a network listener (validated to be there).
     pub fn addr(&self) -> SocketAddr {
         self.bind.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
@@ -409,19 +428,8 @@ impl Config {
         if self.listeners.is_empty() {
             for (kind, port) in [(ListenerKind::Mqtt, 1883), (ListenerKind::MqttSn, 1884)] {
                 self.listeners.push(Listener {
-                    kind,
                     bind: Some(SocketAddr::from(([127, 0, 0, 1], port))),
-                    device: None,
-                    baud: None,
-                    crc: None,
-                    qos_minus_one: None,
-                    allow_anonymous: None,
-                    cert_file: None,
-                    key_file: None,
-                    client_ca: None,
-                    require_certificate: None,
-                    use_identity_as_username: None,
-                    mount_point: None,
+                    ..Listener::of_kind(kind)
                 });
             }
         }
@@ -430,19 +438,9 @@ impl Config {
         for p in &self.serial {
             if p.wire().is_none() {
                 self.listeners.push(Listener {
-                    kind: ListenerKind::MqttSnSerial,
-                    bind: None,
                     device: Some(p.device.clone()),
                     baud: Some(p.baud),
-                    crc: None,
-                    qos_minus_one: None,
-                    allow_anonymous: None,
-                    cert_file: None,
-                    key_file: None,
-                    client_ca: None,
-                    require_certificate: None,
-                    use_identity_as_username: None,
-                    mount_point: None,
+                    ..Listener::of_kind(ListenerKind::MqttSnSerial)
                 });
             }
         }

@@ -77,24 +77,34 @@ def refused(broker, v5, qos):
 
 
 class Client:
-    def __init__(self, port, cid, v5, user=None, password=None, clean=True):
+    """paho at 3.1.1 or 5.0, over TCP or websockets; `ca` turns TLS on and `cert` names a client
+    certificate (`cert`.pem and `cert`.key). The CONNACK must be a success."""
+
+    def __init__(self, port, cid, v5=False, user=None, password=None, clean=True, ca=None,
+                 cert=None, transport="tcp", will=None):
         proto = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
         kw = {} if v5 else {"clean_session": clean}
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto, **kw)
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto,
+                             transport=transport, **kw)
         self.messages, self.acks, self.subacks, self.connack = (queue.Queue() for _ in range(4))
         self.c.on_message = lambda c, u, m: self.messages.put(m)
         self.c.on_connect = lambda c, u, f, rc, p: self.connack.put(rc)
         self.c.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.put([r.value for r in rcs])
         self.c.on_publish = lambda c, u, mid, rc, p: self.acks.put(rc.value)
+        if ca:
+            self.c.tls_set(ca_certs=ca, certfile=cert and f"{cert}.pem",
+                           keyfile=cert and f"{cert}.key")
         if user:
             self.c.username_pw_set(user, password)
+        if will:
+            self.c.will_set(will, b"gone", 1)
         if v5:
             self.c.connect("127.0.0.1", port, 30, clean_start=clean)
         else:
             self.c.connect("127.0.0.1", port, 30)
         self.c.loop_start()
-        rc = self.connack.get(timeout=TIMEOUT)
-        assert not rc.is_failure, rc
+        self.rc = self.connack.get(timeout=TIMEOUT)
+        assert not self.rc.is_failure, self.rc
 
     def sub(self, topic, qos=1):
         self.c.subscribe(topic, qos)

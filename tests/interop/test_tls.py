@@ -6,17 +6,16 @@ up."""
 
 import base64
 import os
-import queue
 import socket
 import ssl
 import subprocess
 import tempfile
 import time
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from brokers import Outpost
+from test_acl import Client
 
 TIMEOUT = 10
 
@@ -123,52 +122,6 @@ def site():
         s.o.stop()
 
 
-class Client:
-    """paho over any transport; `ca` turns TLS on, `cert` names a client certificate."""
-
-    def __init__(self, port, cid, v5=False, user=None, password=None, ca=None, cert=None,
-                 transport="tcp", will=None):
-        proto = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto,
-                             transport=transport)
-        self.messages, self.acks, self.connack = queue.Queue(), queue.Queue(), queue.Queue()
-        self.subacks = queue.Queue()
-        self.c.on_message = lambda c, u, m: self.messages.put(m)
-        self.c.on_connect = lambda c, u, f, rc, p: self.connack.put(rc)
-        self.c.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.put([r.value for r in rcs])
-        self.c.on_publish = lambda c, u, mid, rc, p: self.acks.put(rc.value)
-        if ca:
-            self.c.tls_set(ca_certs=ca, certfile=cert and f"{cert}.pem",
-                           keyfile=cert and f"{cert}.key")
-        if user:
-            self.c.username_pw_set(user, password)
-        if will:
-            self.c.will_set(will, b"gone", 1)
-        self.c.connect("127.0.0.1", port, 30)
-        self.c.loop_start()
-        self.rc = self.connack.get(timeout=TIMEOUT)
-
-    def sub(self, topic, qos=1):
-        self.c.subscribe(topic, qos)
-        return self.subacks.get(timeout=TIMEOUT)
-
-    def pub(self, topic, payload, qos=1):
-        self.c.publish(topic, payload, qos)
-        return self.acks.get(timeout=TIMEOUT) if qos else None
-
-    def got(self, wait=0.7):
-        time.sleep(wait)
-        out = []
-        while not self.messages.empty():
-            m = self.messages.get()
-            out.append((m.topic, m.payload.decode()))
-        return out
-
-    def close(self):
-        self.c.disconnect()
-        self.c.loop_stop()
-
-
 # CONNECT, MQTT 3.1.1, clean session, keep-alive 30 s, client id "x".
 CONNECT = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x1e\x00\x01x"
 
@@ -230,8 +183,8 @@ def test_mqtts_with_paho_meets_plain_tcp(site, v5):
     assert plain.sub("cross/#") == [1]
     plain.pub("cross/1", "from-tcp")
     t.pub("cross/2", "from-tls")
-    assert t.got() == [("cross/1", "from-tcp"), ("cross/2", "from-tls")]
-    assert plain.got(0.1) == [("cross/1", "from-tcp"), ("cross/2", "from-tls")]
+    assert t.topics() == [("cross/1", "from-tcp"), ("cross/2", "from-tls")]
+    assert plain.topics(0.1) == [("cross/1", "from-tcp"), ("cross/2", "from-tls")]
     t.close()
     plain.close()
 
@@ -247,7 +200,7 @@ def test_mutual_tls(site):
     assert not c.rc.is_failure
     assert c.sub("m/#") == [1]
     c.pub("m/1", "hello")
-    assert c.got() == [("m/1", "hello")]
+    assert c.topics() == [("m/1", "hello")]
     c.close()
     # mosquitto_sub with a client certificate.
     tls = ["--cafile", ca, "--cert", f"{d}/alice.pem", "--key", f"{d}/alice.key"]
@@ -277,7 +230,7 @@ def test_identity_is_the_user_name(site, v5):
     denied = c.pub("other/1", "not-mine")
     if v5:
         assert (ok, denied) == (0, 0x87)
-    assert watcher.got() == [("alice/1", "mine")]
+    assert watcher.topics() == [("alice/1", "mine")]
     assert c.sub("other/#") == [0x87 if v5 else 0x80]
     c.close()
     watcher.close()
@@ -296,7 +249,7 @@ def test_websocket_with_paho(site, v5, tls):
     # A payload larger than one TCP segment, to cross WebSocket frames.
     big = "x" * 200_000
     w.pub("web/2", big)
-    assert w.got() == [("web/1", "to-browser"), ("web/2", big)]
+    assert w.topics() == [("web/1", "to-browser"), ("web/2", big)]
     w.close()
     plain.close()
 
@@ -329,9 +282,9 @@ def test_mount_point(site, v5):
     outside.pub("site1/x/2", "into-the-mount")
     outside.pub("x/3", "not-under-the-mount")
     outside.pub("site1/shared/4", "shared")
-    assert inside.got() == [("x/1", "from-inside"), ("x/2", "into-the-mount"),
+    assert inside.topics() == [("x/1", "from-inside"), ("x/2", "into-the-mount"),
                             ("shared/4", "shared")]
-    assert outside.got(0.1) == [("site1/x/1", "from-inside"),
+    assert outside.topics(0.1) == [("site1/x/1", "from-inside"),
                                 ("site1/x/2", "into-the-mount"),
                                 ("site1/shared/4", "shared")]
     # The will lands under the mount point too.
@@ -339,7 +292,7 @@ def test_mount_point(site, v5):
     inside.c.loop_stop()
     deadline = time.time() + TIMEOUT
     while time.time() < deadline:
-        got = outside.got(0.2)
+        got = outside.topics(0.2)
         if got:
             break
     assert got == [("site1/gone", "gone")]
@@ -372,7 +325,7 @@ def test_certificates_reload_without_dropping_connections():
             # The connection made before the reload is still up and still served.
             new.pub("r/1", "after-reload")
             old.pub("r/2", "old-still-talks")
-            assert old.got() == [("r/1", "after-reload"), ("r/2", "old-still-talks")]
+            assert old.topics() == [("r/1", "after-reload"), ("r/2", "old-still-talks")]
             # A broken key is refused whole; the renewed certificate stays in force.
             with open(f"{d}/server.key", "w") as f:
                 f.write("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
