@@ -12,7 +12,7 @@ check() {
 }
 prop() { systemctl show -P "$1" outpost.service; }
 
-say "outpost $(outpost --version 2>&1 | head -n1) on $(uname -m), kernel $(uname -r)"
+say "$(outpost --version 2>&1 | head -n1) on $(uname -m), kernel $(uname -r)"
 
 # Past one watchdog period (WatchdogSec=30s) since outpost became active.
 wd=$(prop WatchdogUSec)
@@ -25,8 +25,10 @@ check "state directory writable by outpost" \
     sh -c 'echo x > /var/lib/outpost/.selftest && rm /var/lib/outpost/.selftest'
 check "/etc read-only to outpost (even for root in its namespace)" \
     sh -c "! nsenter -t $pid -m sh -c 'touch /etc/outpost/.selftest' 2>/dev/null"
-check "/home invisible to outpost" \
-    sh -c "! nsenter -t $pid -m ls /root >/dev/null 2>&1"
+touch /root/.selftest-marker
+check "/root hidden from outpost (ProtectHome)" \
+    nsenter -t "$pid" -m sh -c '! test -e /root/.selftest-marker'
+rm -f /root/.selftest-marker
 check "store on disk" test -s /var/lib/outpost/outpost.db
 
 # QoS 1 through the broker, with a user the image made with `outpost passwd`.

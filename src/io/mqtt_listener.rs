@@ -115,16 +115,14 @@ async fn open(
         if !front.websocket {
             return connection(tcp, peer, conn, shared, front, None).await;
         }
-        match handshake(
+        let ws = handshake(
             peer,
             "WebSocket",
             limit,
             super::ws::accept(tcp, max_message),
-        )
-        .await
-        {
-            Some(ws) => connection(ws, peer, conn, shared, front, None).await,
-            None => return,
+        );
+        if let Some(ws) = ws.await {
+            connection(ws, peer, conn, shared, front, None).await;
         }
         return;
     };
