@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::proxy::{Mode, Mosquitto, Proxy};
+use common::proxy::{uplink_section, Mode, Mosquitto, Proxy};
 use common::rq::Cloud;
 use common::sn::SnClient;
 use common::Outpost;
@@ -27,13 +27,9 @@ async fn qos1_published_while_uplink_down_reaches_cloud_after_crash_and_return()
     let proxy = Proxy::start(m.port);
     proxy.set(Mode::Refuse);
     let rules = tempfile::tempdir().unwrap();
-    std::fs::write(rules.path().join("rules.toml"), RULES).unwrap();
     let extra = format!(
-        "[[listener]]\nkind = \"mqtt-sn\"\nbind = \"127.0.0.1:0\"\n\n\
-         [uplink]\nurl = \"mqtt://127.0.0.1:{}\"\nkeepalive = \"5s\"\n\
-         backoff = {{ min = \"100ms\", max = \"500ms\" }}\nrules_dir = \"{}\"\n",
-        proxy.port,
-        rules.path().display()
+        "[[listener]]\nkind = \"mqtt-sn\"\nbind = \"127.0.0.1:0\"\n\n{}",
+        uplink_section(rules.path(), RULES, proxy.port, "5s", ""),
     );
     let o = Outpost::start(&extra);
     let cloud = Cloud::subscribe(m.port, "sites/test/#").await;

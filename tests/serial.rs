@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::time::Duration;
 
-use common::proxy::{Mode, Mosquitto, Proxy};
+use common::proxy::{uplink_section, Mode, Mosquitto, Proxy};
 use common::rq::Cloud;
 use common::Outpost;
 
@@ -66,16 +66,12 @@ async fn a_full_store_slows_the_port_and_loses_no_reading() {
     let proxy = Proxy::start(m.port);
     proxy.set(Mode::Refuse);
     let rules = tempfile::tempdir().unwrap();
-    std::fs::write(rules.path().join("rules.toml"), RULES).unwrap();
     let (mut master, slave_path, _slave) = pty();
     let extra = format!(
-        "[store]\nmax_messages = 20\nwhen_full = \"block\"\n\n\
-         [uplink]\nurl = \"mqtt://127.0.0.1:{}\"\nkeepalive = \"5s\"\n\
-         backoff = {{ min = \"100ms\", max = \"500ms\" }}\nrules_dir = \"{}\"\n\n\
+        "[store]\nmax_messages = 20\nwhen_full = \"block\"\n\n{}\n\
          [[serial]]\nname = \"p1\"\ndevice = \"{slave_path}\"\nbaud = 115200\n\
          framing = \"lines\"\ndecode = \"kv\"\nqos = 1\n",
-        proxy.port,
-        rules.path().display()
+        uplink_section(rules.path(), RULES, proxy.port, "5s", ""),
     );
     let o = Outpost::start(&extra);
     let cloud = Cloud::subscribe(m.port, "sites/test/#").await;

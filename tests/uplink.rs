@@ -46,13 +46,7 @@ qos = 2
 
 /// Writes the rule set and returns the `[uplink]` section for `port`.
 fn uplink(rules: &Path, port: u16, keepalive: &str, more: &str) -> String {
-    std::fs::create_dir_all(rules).unwrap();
-    std::fs::write(rules.join("rules.toml"), RULES).unwrap();
-    format!(
-        "[uplink]\nurl = \"mqtt://127.0.0.1:{port}\"\nkeepalive = \"{keepalive}\"\n\
-         backoff = {{ min = \"100ms\", max = \"1s\" }}\nrules_dir = \"{}\"\n{more}",
-        rules.display()
-    )
+    common::proxy::uplink_section(rules, RULES, port, keepalive, more)
 }
 
 /// Publishes `n` QoS 1 messages with payloads `first..first+n` and waits for every PUBACK.

@@ -53,6 +53,9 @@ pub enum Refusal {
     BadCredentials,
     /// None were given where they are required (v5 0x87, 3.1.1 code 5).
     NotAuthorized,
+    /// The source's queue of attempts is full; not checked at all (v5 0x89 Server busy,
+    /// 3.1.1 code 3 Server unavailable).
+    Busy,
 }
 
 impl Refusal {
@@ -63,6 +66,8 @@ impl Refusal {
             (Refusal::BadCredentials, false) => 4,
             (Refusal::NotAuthorized, true) => 0x87,
             (Refusal::NotAuthorized, false) => 5,
+            (Refusal::Busy, true) => 0x89,
+            (Refusal::Busy, false) => 3,
         }
     }
 }
@@ -120,16 +125,23 @@ impl Throttle {
     }
 
     /// Books an attempt from `ip` at `now`: returns when it may be looked at, if it must wait,
-    /// and moves the source's next slot on by its delay, so parallel attempts queue up.
+    /// and moves the source's next slot on by its delay, so parallel attempts queue up. The
+    /// queue reaches at most `MAX` ahead: past that the attempt is refused unbooked
+    /// (`Err(Refusal::Busy)`), so a failing source cannot hold many connections open waiting.
     pub fn reserve(
         &mut self,
         ip: std::net::IpAddr,
         now: std::time::Instant,
-    ) -> Option<std::time::Instant> {
-        let (failures, next) = self.sources.get_mut(&ip)?;
+    ) -> Result<Option<std::time::Instant>, Refusal> {
+        let Some((failures, next)) = self.sources.get_mut(&ip) else {
+            return Ok(None);
+        };
         let at = (*next).max(now);
+        if at > now + Self::MAX {
+            return Err(Refusal::Busy);
+        }
         *next = at + Self::delay(*failures);
-        (at > now).then_some(at)
+        Ok((at > now).then_some(at))
     }
 
     /// Records a failure at `now`; returns the failures in a row.
@@ -174,6 +186,7 @@ mod tests {
         assert_eq!(decide(None, true, Some("anyone"), None), Ok(()));
         assert_eq!(Refusal::BadCredentials.code(true), 0x86);
         assert_eq!(Refusal::NotAuthorized.code(false), 5);
+        assert_eq!(Refusal::Busy.code(true), 0x89);
     }
 
     #[test]
@@ -181,20 +194,22 @@ mod tests {
         let t0 = Instant::now();
         let ip = "10.0.0.9".parse().unwrap();
         let mut t = Throttle::default();
-        assert_eq!(t.reserve(ip, t0), None);
+        assert_eq!(t.reserve(ip, t0), Ok(None));
         t.failed(ip, t0);
-        assert_eq!(t.reserve(ip, t0), Some(t0 + Duration::from_millis(250)));
+        assert_eq!(t.reserve(ip, t0), Ok(Some(t0 + Duration::from_millis(250))));
         t.failed(ip, t0);
         t.failed(ip, t0);
         // Three failures: one attempt per second from here.
         let t1 = t0 + Duration::from_secs(5);
-        assert_eq!(t.reserve(ip, t1), None);
+        assert_eq!(t.reserve(ip, t1), Ok(None));
         for _ in 0..40 {
             t.failed(ip, t1);
         }
-        assert_eq!(t.reserve(ip, t1), Some(t1 + Throttle::MAX));
+        assert_eq!(t.reserve(ip, t1), Ok(Some(t1 + Throttle::MAX)));
+        // One attempt already waits the whole MAX: the next is refused, not queued.
+        assert_eq!(t.reserve(ip, t1), Err(Refusal::Busy));
         t.succeeded(ip);
-        assert_eq!(t.reserve(ip, t1), None);
+        assert_eq!(t.reserve(ip, t1), Ok(None));
     }
 
     #[test]
@@ -208,13 +223,17 @@ mod tests {
         // Two failures: 500 ms apart. Five connections at once wait 0.5, 1, 1.5, 2, 2.5 s.
         let slots: Vec<_> = (0..5).map(|_| t.reserve(ip, t0)).collect();
         let want: Vec<_> = (1..=5)
-            .map(|i| Some(t0 + Duration::from_millis(500 * i)))
+            .map(|i| Ok(Some(t0 + Duration::from_millis(500 * i))))
             .collect();
         assert_eq!(slots, want);
         // A failure in the meantime never pulls the queue forward.
         t.failed(ip, t0);
-        assert!(t.reserve(ip, t0) >= Some(t0 + Duration::from_millis(3000)));
+        assert!(t.reserve(ip, t0).unwrap() >= Some(t0 + Duration::from_millis(3000)));
+        // The queue is bounded: at 1 s apart it holds about MAX / 1 s waiting attempts.
+        let queued = (0..100).filter(|_| t.reserve(ip, t0).is_ok()).count();
+        assert!(queued <= 30, "{queued} attempts queued");
+        assert_eq!(t.reserve(ip, t0), Err(Refusal::Busy));
         // Other sources are not held up.
-        assert_eq!(t.reserve(other, t0), None);
+        assert_eq!(t.reserve(other, t0), Ok(None));
     }
 }

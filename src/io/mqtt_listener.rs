@@ -433,11 +433,17 @@ async fn login(
 ) -> Result<(), u8> {
     let ip = peer.ip();
     let now = Instant::now().into_std();
-    let wait = shared
-        .throttle
-        .lock()
-        .ok()
-        .and_then(|mut t| t.reserve(ip, now));
+    let booked = match shared.throttle.lock() {
+        Ok(mut t) => t.reserve(ip, now),
+        Err(_) => Ok(None),
+    };
+    let wait = match booked {
+        Ok(wait) => wait,
+        Err(r) => {
+            tracing::debug!(%peer, client = %connect.client_id, "login refused unchecked: too many attempts from this address are waiting");
+            return Err(r.code(connect.version.is_v5()));
+        }
+    };
     if let Some(t) = wait {
         tokio::time::sleep_until(Instant::from_std(t)).await;
     }

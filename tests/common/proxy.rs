@@ -243,3 +243,21 @@ impl Drop for Mosquitto {
         let _ = self.child.wait();
     }
 }
+
+/// Writes `rules` as the bridge rule set in `dir` and returns an `[uplink]` section for a cloud
+/// on `port`, with a short backoff so tests see reconnections quickly. `more` is appended to it.
+pub fn uplink_section(
+    dir: &std::path::Path,
+    rules: &str,
+    port: u16,
+    keepalive: &str,
+    more: &str,
+) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("rules.toml"), rules).unwrap();
+    format!(
+        "[uplink]\nurl = \"mqtt://127.0.0.1:{port}\"\nkeepalive = \"{keepalive}\"\n\
+         backoff = {{ min = \"100ms\", max = \"1s\" }}\nrules_dir = \"{}\"\n{more}",
+        dir.display()
+    )
+}
