@@ -1096,3 +1096,23 @@ fn packets_stay_small() {
         std::mem::size_of::<Packet>()
     );
 }
+
+/// Writes the table's vectors as the `mqtt_decode` fuzz target's seeds (byte 0 names the level
+/// as the target reads it): `cargo test export_fuzz_seeds -- --ignored`.
+#[test]
+#[ignore]
+fn export_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/mqtt_decode");
+    std::fs::create_dir_all(&dir).expect("seed dir");
+    for (i, (_, v, bytes, _)) in cases().into_iter().enumerate() {
+        let level = match v {
+            None => 0u8,
+            Some(Version::V31) => 1,
+            Some(Version::V311) => 2,
+            Some(Version::V5) => 3,
+        };
+        let mut seed = vec![level | 0x08 | 0x30];
+        seed.extend_from_slice(&bytes);
+        std::fs::write(dir.join(format!("table-{i:03}")), seed).expect("seed");
+    }
+}

@@ -388,3 +388,21 @@ proptest! {
         let _ = decode(&d);
     }
 }
+
+/// Writes the table's datagrams as seeds for the `mqttsn_decode` fuzz target, and SLIP-framed
+/// (with and without CRC) for `mqttsn_serial`: `cargo test export_fuzz_seeds -- --ignored`.
+#[test]
+#[ignore]
+fn export_fuzz_seeds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let (dgrams, serial) = (root.join("mqttsn_decode"), root.join("mqttsn_serial"));
+    std::fs::create_dir_all(&dgrams).expect("seed dir");
+    std::fs::create_dir_all(&serial).expect("seed dir");
+    for (i, (_, bytes)) in table().into_iter().enumerate() {
+        std::fs::write(dgrams.join(format!("table-{i:03}")), &bytes).expect("seed");
+        let crc = (i % 2) as u8;
+        let mut framed = vec![crc | 0x0E];
+        super::serial::encode_frame(&bytes, crc == 1, &mut framed);
+        std::fs::write(serial.join(format!("table-{i:03}")), framed).expect("seed");
+    }
+}
