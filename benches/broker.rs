@@ -2,8 +2,21 @@
 //! same rumqttc load generator. Prints the median of several runs for each and the ratio.
 //!
 //! `cargo bench --bench broker` (add `-- --runs 7 --messages 200000` to change the sizes).
-//! Needs mosquitto installed (tests/run installs it). Scenarios so far: 1 publisher to 1
-//! subscriber, 64-byte payloads, QoS 0 and QoS 1. Issue 9 grows this into the full table.
+//! Needs mosquitto installed (tests/run installs it). Rows, 64-byte payloads throughout:
+//! - 1 publisher -> 1 subscriber at QoS 0, 1 and 2: messages per second as the subscriber sees
+//!   them, the publisher sending as fast as its window allows;
+//! - the same pair paced at 2,000 messages per second: p50 and p99 latency (publish to
+//!   arrival; the send time rides in the payload);
+//! - fan-in (50 publishers -> 1 subscriber) and fan-out (1 publisher -> 50 subscribers) at
+//!   QoS 0 and 1: deliveries per second;
+//! - 1,000 and then 2,000 idle connections (CONNECT, CONNACK, nothing more): the broker's
+//!   resident memory;
+//! - QoS 1 to an offline persistent session: outpost commits each message to SQLite
+//!   (synchronous=full) before its PUBACK, mosquitto keeps it in memory;
+//! - outpost alone: start to READY with 1,000,000 messages queued.
+//!
+//! The uplink (backlog drain, bytes per reading) and MQTT-SN rows are `--bench uplink` and
+//! `--bench mqttsn`.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -322,25 +335,256 @@ fn start_to_ready(rows: usize, runs: usize) -> Vec<f64> {
     times
 }
 
-/// Runs `scenario` `runs` times on each broker and prints one row: both medians and the ratio.
-fn side_by_side(label: &str, note: &str, runs: usize, mut scenario: impl FnMut(u16, usize) -> f64) {
-    let mut medians = Vec::new();
+/// Paced 1 -> 1: `rate` messages per second for `n` messages; the latency of each, publish to
+/// arrival, in milliseconds. Returns (p50, p99).
+async fn latency(port: u16, qos: QoS, n: usize, rate: usize, run: usize) -> (f64, f64) {
+    let base = Instant::now();
+    let topic = format!("lat/{run}");
+    let mut so = MqttOptions::new(format!("lat-sub-{run}"), "127.0.0.1", port);
+    so.set_keep_alive(Duration::from_secs(60));
+    so.set_inflight(100);
+    let (sub, mut sub_ev) = AsyncClient::new(so, 1000);
+    sub.subscribe(&topic, qos).await.expect("subscribe");
+    loop {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = sub_ev.poll().await {
+            break;
+        }
+    }
+    let mut po = MqttOptions::new(format!("lat-pub-{run}"), "127.0.0.1", port);
+    po.set_keep_alive(Duration::from_secs(60));
+    po.set_inflight(100);
+    let (publisher, mut pub_ev) = AsyncClient::new(po, 1000);
+    let driver = tokio::spawn(async move { while pub_ev.poll().await.is_ok() {} });
+    let per_tick = (rate / 1000).max(1);
+    let sender = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let mut sent = 0;
+        while sent < n {
+            tick.tick().await;
+            for _ in 0..per_tick.min(n - sent) {
+                let mut payload = vec![b'x'; 64];
+                let ns = base.elapsed().as_nanos() as u64;
+                payload[..8].copy_from_slice(&ns.to_be_bytes());
+                if publisher
+                    .publish(topic.as_str(), qos, false, payload)
+                    .await
+                    .is_err()
+                {
+                    return publisher;
+                }
+                sent += 1;
+            }
+        }
+        publisher
+    });
+    let mut lat = Vec::with_capacity(n);
+    while lat.len() < n {
+        match tokio::time::timeout(Duration::from_secs(3), sub_ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&p.payload[..8]);
+                let sent = u64::from_be_bytes(b);
+                let now = base.elapsed().as_nanos() as u64;
+                lat.push(now.saturating_sub(sent) as f64 / 1e6);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    let _ = sender.await;
+    driver.abort();
+    if lat.len() < n {
+        eprintln!("  (received {} of {n})", lat.len());
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)));
+    (
+        at(0.50).copied().unwrap_or(f64::NAN),
+        at(0.99).copied().unwrap_or(f64::NAN),
+    )
+}
+
+/// `pubs` publishers and `subs` subscribers; every subscriber takes every message. Each
+/// publisher sends `per_pub`; returns deliveries per second (all subscribers together).
+async fn fan(port: u16, pubs: usize, subs: usize, qos: QoS, per_pub: usize, run: usize) -> f64 {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let prefix = format!("fan/{run}");
+    let got = Arc::new(AtomicUsize::new(0));
+    let last = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let mut tasks = Vec::new();
+    for s in 0..subs {
+        let mut o = MqttOptions::new(format!("fan-sub-{run}-{s}"), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(60));
+        o.set_inflight(100);
+        let (c, mut ev) = AsyncClient::new(o, 100);
+        c.subscribe(format!("{prefix}/#"), qos)
+            .await
+            .expect("subscribe");
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(_))) = ev.poll().await {
+                break;
+            }
+        }
+        let (got, last) = (got.clone(), last.clone());
+        tasks.push(tokio::spawn(async move {
+            let _c = c;
+            while let Ok(Ok(e)) = tokio::time::timeout(Duration::from_secs(3), ev.poll()).await {
+                if let Event::Incoming(Packet::Publish(_)) = e {
+                    got.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut l) = last.lock() {
+                        *l = Instant::now();
+                    }
+                }
+            }
+        }));
+    }
+    let start = Instant::now();
+    for p in 0..pubs {
+        let mut o = MqttOptions::new(format!("fan-pub-{run}-{p}"), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(60));
+        o.set_inflight(100);
+        let (c, mut ev) = AsyncClient::new(o, 1000);
+        let topic = format!("{prefix}/{p}");
+        tasks.push(tokio::spawn(async move {
+            let sender = tokio::spawn(async move {
+                for _ in 0..per_pub {
+                    if c.publish(topic.as_str(), qos, false, vec![b'x'; 64])
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                c
+            });
+            // Drive the connection until the subscribers stop hearing anything.
+            let _ = tokio::time::timeout(Duration::from_secs(60), async {
+                while ev.poll().await.is_ok() {}
+            })
+            .await;
+            let _ = sender.await;
+        }));
+    }
+    let want = pubs * per_pub * subs;
+    let t = Instant::now();
+    while got.load(Ordering::Relaxed) < want && t.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let idle = last.lock().map(|l| l.elapsed()).unwrap_or_default();
+        if idle > Duration::from_secs(3) && got.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+    }
+    let n = got.load(Ordering::Relaxed);
+    let end = last.lock().map(|l| *l).unwrap_or_else(|_| Instant::now());
+    for t in tasks {
+        t.abort();
+    }
+    if n < want {
+        eprintln!("  (delivered {n} of {want})");
+    }
+    n as f64 / end.duration_since(start).as_secs_f64()
+}
+
+/// Opens idle MQTT 3.1.1 connections (CONNECT with keep-alive 0, CONNACK, nothing more) up to
+/// each count in `steps`, and reads the broker's resident memory (MiB) at each.
+async fn idle_rss(b: &Broker, steps: &[usize]) -> Vec<f64> {
+    use outpost::proto::mqtt::{encode, Connect, Packet as P, Props, Version};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conns = Vec::new();
+    let mut out = Vec::new();
+    for &want in steps {
+        while conns.len() < want {
+            let k = conns.len();
+            let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", b.port)).await else {
+                eprintln!("  {}: connect {k} failed", b.name);
+                break;
+            };
+            let mut wire = Vec::new();
+            encode(
+                &P::Connect(Box::new(Connect {
+                    version: Version::V311,
+                    clean_start: true,
+                    keep_alive: 0,
+                    client_id: format!("idle-{k}"),
+                    will: None,
+                    username: None,
+                    password: None,
+                    properties: Props::default(),
+                })),
+                Version::V311,
+                &mut wire,
+            );
+            let mut ack = [0u8; 4];
+            let ok = s.write_all(&wire).await.is_ok()
+                && tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ack))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                && ack[0] == 0x20
+                && ack[3] == 0;
+            if !ok {
+                eprintln!("  {}: connection {k} not accepted", b.name);
+                break;
+            }
+            conns.push(s);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        out.push(rss_kib(b.child.id()) as f64 / 1024.0);
+    }
+    out
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Runs `scenario` `runs` times on each broker (a fresh one of each) and prints one row per
+/// figure it returns: both medians and the ratio outpost / mosquitto.
+fn side_by_side(
+    labels: &[&str],
+    unit: &str,
+    runs: usize,
+    mut scenario: impl FnMut(&Broker, usize) -> Vec<f64>,
+) {
+    let mut medians: Vec<Vec<f64>> = Vec::new();
     for make in [outpost as fn() -> Broker, mosquitto] {
         let b = make();
-        let rates: Vec<f64> = (0..runs).map(|run| scenario(b.port, run)).collect();
-        eprintln!(
-            "  {} {label}: {:?}",
-            b.name,
-            rates.iter().map(|r| *r as u64).collect::<Vec<_>>()
-        );
-        medians.push(median(rates));
+        let results: Vec<Vec<f64>> = (0..runs).map(|run| scenario(&b, run)).collect();
+        let per_figure: Vec<f64> = (0..labels.len())
+            .map(|f| {
+                let v: Vec<f64> = results.iter().map(|r| r[f]).collect();
+                eprintln!("  {} {}: {:?}", b.name, labels[f], v);
+                median(v)
+            })
+            .collect();
+        medians.push(per_figure);
     }
+    for (f, label) in labels.iter().enumerate() {
+        row(label, medians[0][f], medians[1][f], unit);
+    }
+}
+
+fn row(label: &str, o: f64, m: f64, unit: &str) {
+    let fmt = |v: f64| {
+        if v >= 100.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.3}")
+        }
+    };
     println!(
-        "{:<22} {:>14.0} {:>14.0} {:>8.2}{note}",
-        label,
-        medians[0],
-        medians[1],
-        medians[0] / medians[1]
+        "| {label} | {} | {} | {:.2} | {unit} |",
+        fmt(o),
+        fmt(m),
+        o / m
     );
 }
 
@@ -362,41 +606,90 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let only_durable = std::env::args().any(|a| a == "--durable-only");
+    // `--only=1to1,latency,fan,idle,durable,ready` picks rows; none given runs them all.
+    let picked: Vec<String> = std::env::args()
+        .filter_map(|a| a.strip_prefix("--only=").map(str::to_string))
+        .flat_map(|o| o.split(',').map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    let only = |name: &str| picked.is_empty() || picked.iter().any(|p| p == name);
     println!(
-        "1 publisher -> 1 subscriber, 64-byte payloads, {} messages, median of {} runs",
+        "64-byte payloads; {} messages per throughput run; median of {} runs; outpost (release) and mosquitto side by side",
         a.messages, a.runs
     );
-    println!(
-        "{:<22} {:>14} {:>14} {:>8}",
-        "scenario", "outpost msg/s", "mosquitto msg/s", "ratio"
-    );
-    let live: &[(&str, QoS)] = if only_durable {
-        &[]
-    } else {
-        &[("QoS 0", QoS::AtMostOnce), ("QoS 1", QoS::AtLeastOnce)]
-    };
-    for &(label, qos) in live {
-        side_by_side(&format!("1->1 {label}"), "", a.runs, |port, run| {
-            rt.block_on(one_to_one(port, qos, a.messages, run))
-        });
+    println!("| scenario | outpost | mosquitto | ratio | unit |");
+    println!("| --- | --- | --- | --- | --- |");
+    let qos_levels = [
+        ("QoS 0", QoS::AtMostOnce),
+        ("QoS 1", QoS::AtLeastOnce),
+        ("QoS 2", QoS::ExactlyOnce),
+    ];
+    if only("1to1") {
+        for &(label, qos) in &qos_levels {
+            side_by_side(&[&format!("1→1 {label}")], "msg/s", a.runs, |b, run| {
+                vec![rt.block_on(one_to_one(b.port, qos, a.messages, run))]
+            });
+        }
     }
-    side_by_side(
-        "QoS 1 to offline sess.",
-        "   (outpost: on disk, synchronous=full; mosquitto: in memory)",
-        a.runs,
-        |port, run| rt.block_on(durable_ingest(port, a.messages / 5, run)),
-    );
-    if only_durable {
-        return;
+    if only("latency") {
+        for &(label, qos) in &qos_levels {
+            side_by_side(
+                &[
+                    &format!("1→1 {label} at 2,000 msg/s, latency p50"),
+                    &format!("1→1 {label} at 2,000 msg/s, latency p99"),
+                ],
+                "ms",
+                a.runs,
+                |b, run| {
+                    let (p50, p99) = rt.block_on(latency(b.port, qos, 6_000, 2_000, run));
+                    vec![p50, p99]
+                },
+            );
+        }
     }
-    let times = start_to_ready(1_000_000, 5);
-    eprintln!(
-        "  start to READY with 1M queued: {:?} ms",
-        times.iter().map(|t| *t as u64).collect::<Vec<_>>()
-    );
-    println!(
-        "start to READY, 1,000,000 queued messages: median {:.0} ms (outpost only)",
-        median(times)
-    );
+    if only("fan") {
+        for &(label, qos) in &qos_levels[..2] {
+            side_by_side(
+                &[&format!("fan-in 50→1 {label}")],
+                "deliveries/s",
+                a.runs,
+                |b, run| vec![rt.block_on(fan(b.port, 50, 1, qos, a.messages / 50, run))],
+            );
+            side_by_side(
+                &[&format!("fan-out 1→50 {label}")],
+                "deliveries/s",
+                a.runs,
+                |b, run| vec![rt.block_on(fan(b.port, 1, 50, qos, a.messages / 50, run))],
+            );
+        }
+    }
+    if only("idle") {
+        side_by_side(
+            &[
+                "RSS with 1,000 idle connections",
+                "RSS with 2,000 idle connections",
+            ],
+            "MiB",
+            1,
+            |b, _| rt.block_on(idle_rss(b, &[1000, 2000])),
+        );
+    }
+    if only("durable") {
+        side_by_side(
+            &["QoS 1 to an offline persistent session (outpost: fsync'd SQLite; mosquitto: memory)"],
+            "msg/s",
+            a.runs,
+            |b, run| vec![rt.block_on(durable_ingest(b.port, a.messages / 5, run))],
+        );
+    }
+    if only("ready") {
+        let times = start_to_ready(1_000_000, 5);
+        eprintln!(
+            "  start to READY with 1M queued: {:?} ms",
+            times.iter().map(|t| *t as u64).collect::<Vec<_>>()
+        );
+        println!(
+            "| start to READY, 1,000,000 queued messages | {:.0} | – | – | ms |",
+            median(times)
+        );
+    }
 }
