@@ -502,6 +502,51 @@ fn status(cfg: &std::path::Path) -> (Option<u64>, String) {
     )
 }
 
+/// Resident memory and outbox depth over time as an SVG (two lines, each on its own scale, named
+/// with its maximum): enough to see a leak or a backlog that does not drain, with no plotting
+/// crate.
+fn plot(samples: &[(u64, u64, u64)], depths: &[u64]) -> String {
+    let (w, h, pad) = (900.0, 360.0, 50.0);
+    let t_max = samples.last().map_or(1, |s| s.0).max(1) as f64;
+    let rss_max = samples.iter().map(|s| s.1).max().unwrap_or(1).max(1) as f64;
+    let depth_max = depths.iter().copied().max().unwrap_or(1).max(1) as f64;
+    let line = |ys: &mut dyn Iterator<Item = (u64, f64)>, max: f64| {
+        ys.map(|(t, y)| {
+            format!(
+                "{:.1},{:.1}",
+                pad + (t as f64 / t_max) * (w - 2.0 * pad),
+                h - pad - (y / max) * (h - 2.0 * pad)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+    };
+    let rss = line(&mut samples.iter().map(|s| (s.0, s.1 as f64)), rss_max);
+    let depth = line(
+        &mut samples.iter().zip(depths).map(|(s, d)| (s.0, *d as f64)),
+        depth_max,
+    );
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="13">
+<rect width="100%" height="100%" fill="white"/>
+<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/>
+<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>
+<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{rss}"/>
+<polyline fill="none" stroke="#d62728" stroke-width="1.5" points="{depth}"/>
+<text x="{pad}" y="20" fill="#1f77b4">resident memory (top = {rss_mib:.1} MiB)</text>
+<text x="{mid}" y="20" fill="#d62728">outbox depth (top = {depth_max} messages)</text>
+<text x="{r}" y="{tl}" text-anchor="end">{t_max} s</text>
+<text x="{pad}" y="{tl}">0 s</text>
+</svg>
+"##,
+        b = h - pad,
+        r = w - pad,
+        mid = w / 2.0,
+        tl = h - pad + 20.0,
+        rss_mib = rss_max / 1024.0,
+    )
+}
+
 fn median(mut v: Vec<u64>) -> u64 {
     if v.is_empty() {
         return 0;
@@ -592,6 +637,7 @@ async fn soak(a: Args) -> i32 {
     };
     let start = Instant::now();
     let mut samples: Vec<(u64, u64, u64)> = Vec::new();
+    let mut depths: Vec<u64> = Vec::new();
     let mut next_cut = a.cut_every;
     let mut restore_at = None;
     let mut cuts = 0;
@@ -614,6 +660,7 @@ async fn soak(a: Args) -> i32 {
         let (outbox, uplink) = status(&cfg);
         max_outbox = max_outbox.max(outbox.unwrap_or(0));
         samples.push((el, rss, nfd));
+        depths.push(outbox.unwrap_or(0));
         let _ = writeln!(
             csv,
             "{el},{rss},{nfd},{},{uplink},{},{},{},{},{},{},{}",
@@ -675,6 +722,8 @@ async fn soak(a: Args) -> i32 {
     let rss_flat = rss_last <= rss_second + rss_second / 10 + 8 * 1024;
     let fd_flat = fd_last <= fd_second + 16;
     let serial_n = t.serial_written.lock().unwrap().len();
+    let svg_path = csv_path.with_extension("svg");
+    let _ = std::fs::write(&svg_path, plot(&samples, &depths));
     let ok = missing == 0 && outbox_end == Some(0) && rss_flat && fd_flat;
     println!(
         "soak summary ({} s, {cuts} uplink cuts, CSV {}):",
@@ -693,7 +742,7 @@ async fn soak(a: Args) -> i32 {
         if missing == 0 { "(ok)" } else { "(FAIL)" }
     );
     println!(
-        "  backlog: peak {max_outbox}, {} after the drain, which took {:.1} s {}",
+        "  backlog: peak {max_outbox}, {} once the load stopped and {:.1} s more passed {}",
         outbox_end.map(|o| o.to_string()).unwrap_or("?".into()),
         drained_in.as_secs_f64(),
         if outbox_end == Some(0) {
@@ -721,6 +770,28 @@ async fn soak(a: Args) -> i32 {
         t.errors.load(Ordering::Relaxed),
         warnings(&o)
     );
+    // What the warnings were, by kind: the message text after the level and target.
+    let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+    for l in o.log().lines() {
+        if let Some(rest) = l
+            .split(" WARN ")
+            .nth(1)
+            .or_else(|| l.split(" ERROR ").nth(1))
+        {
+            let msg = rest.split_once(": ").map_or(rest, |(_, m)| m);
+            let key: String = msg
+                .split(['=', '('])
+                .next()
+                .unwrap_or(msg)
+                .chars()
+                .take(70)
+                .collect();
+            *kinds.entry(key).or_default() += 1;
+        }
+    }
+    for (k, n) in &kinds {
+        println!("    {n:>5} × {k}");
+    }
     if !ok {
         let log = o.log();
         let tail: Vec<&str> = log.lines().rev().take(30).collect();

@@ -25,8 +25,11 @@ use outpost::proto::mqttsn::codec::{self as sn, Flags, Message, SnQos, TopicRef}
 use outpost::proto::mqttsn::gateway::{Gateway, GatewayConfig, Output, Predefined};
 use outpost::store::{Dest, Op, OpResult, StoreError, StoredMessage};
 
+/// A target's check.
+pub type Check = fn(&[u8]);
+
 /// Every target, by the name its corpus directory has.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("mqtt_decode", mqtt_decode),
     ("mqttsn_decode", mqttsn_decode),
     ("mqttsn_serial", mqttsn_serial),
@@ -412,10 +415,8 @@ impl Watch {
                 let in_call = !self.store.model().fresh.is_empty();
                 let q = self.owed.entry(key).or_default();
                 let pos = q.iter().position(|o| {
-                    !o.refused
-                        && !o.acked_live
-                        && !(o.live && in_call)
-                        && o.tokens.iter().all(|t| committed.contains(t))
+                    let blocked = o.refused || o.acked_live || (o.live && in_call);
+                    !blocked && o.tokens.iter().all(|t| committed.contains(t))
                 });
                 match pos {
                     // The call may still submit effects for it; `HubRig::input` looks after.
@@ -963,12 +964,10 @@ impl SnRig {
             }
             | Message::SubAck {
                 topic_id, rc: 0, ..
-            } => {
-                if topic_id != 0 {
-                    self.topic_ids.entry(to).or_default().push(topic_id);
-                }
             }
-            Message::Register { topic_id, .. } => {
+            | Message::Register { topic_id, .. }
+                if topic_id != 0 =>
+            {
                 self.topic_ids.entry(to).or_default().push(topic_id);
             }
             _ => {}
@@ -1013,8 +1012,10 @@ pub fn sn_machine(data: &[u8]) {
     };
     // A local MQTT subscriber with a persistent session, so publishes have durable effects.
     let local: ConnId = 1;
-    let mut props = Properties::default();
-    props.session_expiry_interval = Some(u32::MAX);
+    let props = Properties {
+        session_expiry_interval: Some(u32::MAX),
+        ..Properties::default()
+    };
     r.hub.input(HubInput::Connect {
         conn: local,
         connect: Box::new(Connect {
