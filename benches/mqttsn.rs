@@ -275,18 +275,25 @@ fn main() {
     }
     let f = |v: &[Figures], g: fn(&Figures) -> f64| median(v.iter().map(g).collect());
     println!("\nmedian of {runs} runs, {n} messages, {connects} connects (ratio = outpost MQTT-SN / mosquitto MQTT)");
-    println!("| figure | outpost (MQTT-SN, UDP) | mosquitto (MQTT, TCP) | ratio |");
-    println!("| --- | --- | --- | --- |");
-    for (name, g) in [
+    println!("| scenario | outpost (MQTT-SN, UDP) | mosquitto (MQTT, TCP) | ratio | unit |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (name, unit, g) in [
         (
-            "CONNECT→CONNACK median, ms",
+            "MQTT-SN CONNECT→CONNACK median",
+            "ms",
             (|x: &Figures| x.connect_median_ms) as fn(&Figures) -> f64,
         ),
-        ("CONNECT→CONNACK p99, ms", |x| x.connect_p99_ms),
-        ("QoS 1 publishes/s, one at a time", |x| x.qos1_per_s),
-        ("QoS 0 publishes/s", |x| x.qos0_per_s),
+        ("MQTT-SN CONNECT→CONNACK p99", "ms", |x| x.connect_p99_ms),
+        ("MQTT-SN QoS 1 publishes, one at a time", "msg/s", |x| {
+            x.qos1_per_s
+        }),
+        ("MQTT-SN QoS 0 publishes", "msg/s", |x| x.qos0_per_s),
     ] {
         let (a, b) = (f(&ours, g), f(&theirs, g));
-        println!("| {name} | {a:.3} | {b:.3} | {:.2} |", a / b);
+        let digits = if a >= 100.0 { 0 } else { 3 };
+        println!(
+            "| {name} | {a:.digits$} | {b:.digits$} | {:.2} | {unit} |",
+            a / b
+        );
     }
 }

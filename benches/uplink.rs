@@ -264,15 +264,11 @@ fn main() {
     };
     let o = drain(Bridge::Outpost { v5: true });
     let m = drain(Bridge::Mosquitto);
+    println!("| scenario | outpost | mosquitto bridge | ratio | unit |");
+    println!("| --- | --- | --- | --- | --- |");
     println!(
-        "{:<44} {:>12} {:>12} {:>7}",
-        "figure", "outpost", "mosquitto", "ratio"
-    );
-    println!(
-        "{:<44} {:>12.0} {:>12.0} {:>6.2}x",
-        "backlog drain, msg/s (higher is better)",
-        o,
-        m,
+        "| backlog drain of {} messages to an upstream mosquitto, loopback | {o:.0} | {m:.0} | {:.2} | msg/s |",
+        a.backlog,
         o / m
     );
     // 64 kbit/s each way: a satellite or poor cellular link.
@@ -284,10 +280,8 @@ fn main() {
     };
     let (os, ms) = (slow(Bridge::Outpost { v5: true }), slow(Bridge::Mosquitto));
     println!(
-        "{:<44} {:>12.0} {:>12.0} {:>6.2}x",
-        format!("backlog {} over 64 kbit/s, msg/s", a.slow),
-        os,
-        ms,
+        "| backlog drain of {} messages over 64 kbit/s each way | {os:.0} | {ms:.0} | {:.2} | msg/s |",
+        a.slow,
         os / ms
     );
     if std::env::args().any(|a| a == "--drain-only") {
@@ -302,10 +296,14 @@ fn main() {
     let o3 = bytes(Bridge::Outpost { v5: false }, true);
     let mb = bytes(Bridge::Mosquitto, true);
     for (label, v) in [
-        ("bytes up per reading, outpost v5 + aliases", o5),
-        ("bytes up per reading, outpost v5, no aliases", o5n),
-        ("bytes up per reading, outpost 3.1.1", o3),
+        ("MQTT 5 with topic aliases", o5),
+        ("MQTT 5, upstream allows no aliases", o5n),
+        ("MQTT 3.1.1", o3),
     ] {
-        println!("{:<44} {:>12.1} {:>12.1} {:>6.2}x", label, v, mb, v / mb);
+        println!(
+            "| uplink bytes per reading, {} readings, outpost on {label} | {v:.1} | {mb:.1} | {:.2} | bytes |",
+            a.readings,
+            v / mb
+        );
     }
 }
