@@ -69,7 +69,8 @@ fn decoders_survive_fixed_noise() {
 }
 
 /// Debugging aid for a failure of the fixed-noise test: `FUZZ_TARGET=sn_machine cargo test
-/// --test fuzz_replay shrink -- --ignored` writes the smallest failing step sequence it finds to
+/// --test fuzz_replay shrink -- --ignored` (with `FUZZ_INPUT=<crash file>` to start from
+/// libFuzzer's artifact) writes the smallest failing step sequence it finds to
 /// `target/fuzz-shrunk`, ready to become a file in `fuzz/regressions/<target>/`.
 #[test]
 #[ignore]
@@ -82,10 +83,14 @@ fn shrink() {
         .expect("a target name");
     std::panic::set_hook(Box::new(|_| {}));
     let fails = |d: &[u8]| std::panic::catch_unwind(|| check(d)).is_err();
-    let Some(mut d) = (0..1500u64)
-        .map(|seed| noise(seed, 16 + (seed as usize % 400)))
-        .find(|d| fails(d))
-    else {
+    // FUZZ_INPUT names a crash file to shrink; otherwise the first failing fixed-noise input.
+    let start = match std::env::var("FUZZ_INPUT") {
+        Ok(f) => std::fs::read(f).ok(),
+        Err(_) => (0..1500u64)
+            .map(|seed| noise(seed, 16 + (seed as usize % 400)))
+            .find(|d| fails(d)),
+    };
+    let Some(mut d) = start else {
         return;
     };
     loop {

@@ -372,6 +372,9 @@ struct Owed {
     /// Acknowledged while live: fine only if the call submits nothing for it after all.
     acked_live: bool,
     qos: QoS,
+    /// The client has sent PUBREL for this id since: a later QoS 2 publish with it is a new
+    /// message, not a duplicate of this one.
+    released: bool,
 }
 
 /// What the outlet saw, and the invariants it checks as packets arrive.
@@ -527,7 +530,10 @@ impl HubRig {
             // A QoS 2 duplicate waits for the original; a client that reuses a QoS 1 id for a
             // QoS 2 message broke the protocol, and the two are not the same message.
             if qos == QoS::ExactlyOnce {
-                for o in q.iter().filter(|o| o.qos == QoS::ExactlyOnce) {
+                for o in q
+                    .iter()
+                    .filter(|o| o.qos == QoS::ExactlyOnce && !o.released)
+                {
                     tokens.extend(o.tokens.iter().copied());
                 }
             }
@@ -537,6 +543,7 @@ impl HubRig {
                 live: true,
                 acked_live: false,
                 qos,
+                released: false,
             });
         }
         self.hub.handle(self.now, input, &mut self.out);
@@ -749,8 +756,12 @@ pub fn hub_machine(data: &[u8]) {
             }
             5 => {
                 let Some(conn) = slots[slot] else { continue };
+                let pid = 1 + (b % 4) as u16;
+                for o in r.out.owed.get_mut(&(conn, pid)).into_iter().flatten() {
+                    o.released = true;
+                }
                 let packet = Packet::PubRel(Ack {
-                    packet_id: 1 + (b % 4) as u16,
+                    packet_id: pid,
                     ..Ack::default()
                 });
                 r.input(HubInput::Packet { conn, packet });
@@ -1060,6 +1071,9 @@ pub fn sn_machine(data: &[u8]) {
         match op % 14 {
             0 => {
                 r.client_of_addr.insert(addr, vec![format!("s{}", b % 5)]);
+                // A new connection: what the gateway had in flight to the old one is over
+                // (a persistent session resends it, as DUP).
+                r.inflight.remove(&addr);
                 r.dgram(
                     addr,
                     Message::Connect {
@@ -1143,12 +1157,21 @@ pub fn sn_machine(data: &[u8]) {
                 }
                 r.dgram(addr, m);
             }
-            7 => r.dgram(
-                addr,
-                Message::PubRel {
-                    msg_id: 1 + (b as u16 % 4),
-                },
-            ),
+            7 => {
+                // After PUBREL, a QoS 2 publish with the same id is a new message.
+                let pid = 1 + (b as u16 % 4);
+                let claimed = r.client_of_addr.get(&addr).cloned().unwrap_or_default();
+                for ((conn, id), q) in r.hub.out.owed.iter_mut() {
+                    let mine = r
+                        .client_of_conn
+                        .get(conn)
+                        .is_some_and(|c| claimed.contains(c));
+                    if *id == pid && mine {
+                        q.iter_mut().for_each(|o| o.released = true);
+                    }
+                }
+                r.dgram(addr, Message::PubRel { msg_id: pid });
+            }
             8 => r.dgram(
                 addr,
                 Message::Subscribe {
