@@ -30,6 +30,11 @@ use crate::proto::mqtt::{ConnAck, Packet, Version};
 const LINGER: Duration = Duration::from_secs(1);
 /// How much input a closed connection drains at most.
 const LINGER_BYTES: usize = 1 << 20;
+/// A connection's read buffer starts at READ_MIN and doubles on each read that fills it, up to
+/// READ_MAX; the write buffer keeps at most WRITE_KEEP of capacity between batches.
+const READ_MIN: usize = 1024;
+const READ_MAX: usize = 16 * 1024;
+const WRITE_KEEP: usize = 16 * 1024;
 
 /// What every connection of every MQTT listener shares.
 pub struct ListenerShared {
@@ -291,7 +296,9 @@ async fn read_loop(
     attached: &std::sync::atomic::AtomicBool,
 ) -> (CloseReason, Option<Packet>) {
     let mut machine = Inbound::new(Instant::now().into_std(), shared.limits.clone());
-    let mut buf = vec![0u8; 16 * 1024];
+    // Small while the client is quiet, which most are (an idle connection should cost little:
+    // the idle-connection benchmark row); a read that fills it doubles it, up to READ_MAX.
+    let mut buf = vec![0u8; READ_MIN];
     loop {
         let deadline = machine.poll_timeout().map(Instant::from_std);
         tokio::select! {
@@ -299,7 +306,10 @@ async fn read_loop(
                 Ok(0) | Err(_) => machine.handle_eof(),
                 Ok(n) => {
                     shared.board.add_received(n);
-                    machine.handle_bytes(Instant::now().into_std(), &buf[..n])
+                    machine.handle_bytes(Instant::now().into_std(), &buf[..n]);
+                    if n == buf.len() && buf.len() < READ_MAX {
+                        buf.resize(buf.len() * 2, 0);
+                    }
                 }
             },
             _ = sleep_until_opt(deadline) => machine.handle_timeout(Instant::now().into_std()),
@@ -495,7 +505,8 @@ async fn write_loop(
     let mut wr = std::pin::pin!(wr);
     // Until CONNECT arrives only a refusal can be written, and that uses 3.1.1 framing.
     let mut machine = Outbound::new(Version::V311, 0);
-    let mut out = Vec::with_capacity(16 * 1024);
+    // Grows with what is batched; a burst's large buffer is given back once written.
+    let mut out = Vec::new();
     let mut open = true;
     while open {
         let mut closing = false;
@@ -537,6 +548,9 @@ async fn write_loop(
             }
             board.add_sent(out.len());
             out.clear();
+            if out.capacity() > WRITE_KEEP {
+                out.shrink_to(WRITE_KEEP);
+            }
         }
         if state.want_ready.swap(false, Ordering::SeqCst) {
             let _ = hub.send(HubMsg::Input(HubInput::Ready { conn })).await;
