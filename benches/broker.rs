@@ -18,6 +18,9 @@
 //! The uplink (backlog drain, bytes per reading) and MQTT-SN rows are `--bench uplink` and
 //! `--bench mqttsn`.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -152,24 +155,36 @@ fn mosquitto() -> Broker {
     }
 }
 
-/// One run: a subscriber and a publisher; returns messages per second as the subscriber saw them.
-async fn one_to_one(port: u16, qos: QoS, n: usize, run: usize) -> f64 {
-    let topic = format!("bench/{run}");
-    let mut so = MqttOptions::new(format!("bench-sub-{run}"), "127.0.0.1", port);
+/// A subscriber to `topic` (SUBACK received) and a publisher whose event loop a task drives.
+async fn pair(
+    port: u16,
+    topic: &str,
+    qos: QoS,
+    name: &str,
+    run: usize,
+) -> (AsyncClient, rumqttc::EventLoop, tokio::task::JoinHandle<()>) {
+    let mut so = MqttOptions::new(format!("{name}-sub-{run}"), "127.0.0.1", port);
     so.set_keep_alive(Duration::from_secs(60));
     so.set_inflight(100);
     let (sub, mut sub_ev) = AsyncClient::new(so, 1000);
-    sub.subscribe(&topic, qos).await.expect("subscribe");
+    sub.subscribe(topic, qos).await.expect("subscribe");
     loop {
         if let Ok(Event::Incoming(Packet::SubAck(_))) = sub_ev.poll().await {
             break;
         }
     }
-    let mut po = MqttOptions::new(format!("bench-pub-{run}"), "127.0.0.1", port);
+    let mut po = MqttOptions::new(format!("{name}-pub-{run}"), "127.0.0.1", port);
     po.set_keep_alive(Duration::from_secs(60));
     po.set_inflight(100);
     let (publisher, mut pub_ev) = AsyncClient::new(po, 1000);
     let driver = tokio::spawn(async move { while pub_ev.poll().await.is_ok() {} });
+    (publisher, sub_ev, driver)
+}
+
+/// One run: a subscriber and a publisher; returns messages per second as the subscriber saw them.
+async fn one_to_one(port: u16, qos: QoS, n: usize, run: usize) -> f64 {
+    let topic = format!("bench/{run}");
+    let (publisher, mut sub_ev, driver) = pair(port, &topic, qos, "bench", run).await;
     let payload = vec![b'x'; 64];
     let start = Instant::now();
     let sender = tokio::spawn(async move {
@@ -340,21 +355,7 @@ fn start_to_ready(rows: usize, runs: usize) -> Vec<f64> {
 async fn latency(port: u16, qos: QoS, n: usize, rate: usize, run: usize) -> (f64, f64) {
     let base = Instant::now();
     let topic = format!("lat/{run}");
-    let mut so = MqttOptions::new(format!("lat-sub-{run}"), "127.0.0.1", port);
-    so.set_keep_alive(Duration::from_secs(60));
-    so.set_inflight(100);
-    let (sub, mut sub_ev) = AsyncClient::new(so, 1000);
-    sub.subscribe(&topic, qos).await.expect("subscribe");
-    loop {
-        if let Ok(Event::Incoming(Packet::SubAck(_))) = sub_ev.poll().await {
-            break;
-        }
-    }
-    let mut po = MqttOptions::new(format!("lat-pub-{run}"), "127.0.0.1", port);
-    po.set_keep_alive(Duration::from_secs(60));
-    po.set_inflight(100);
-    let (publisher, mut pub_ev) = AsyncClient::new(po, 1000);
-    let driver = tokio::spawn(async move { while pub_ev.poll().await.is_ok() {} });
+    let (publisher, mut sub_ev, driver) = pair(port, &topic, qos, "lat", run).await;
     let per_tick = (rate / 1000).max(1);
     let sender = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -529,21 +530,9 @@ async fn idle_rss(b: &Broker, steps: &[usize]) -> Vec<f64> {
             conns.push(s);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        out.push(rss_kib(b.child.id()) as f64 / 1024.0);
+        out.push(common::rss_kib(b.child.id()) as f64 / 1024.0);
     }
     out
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Runs `scenario` `runs` times on each broker (a fresh one of each) and prints one row per

@@ -27,7 +27,6 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -410,45 +409,6 @@ async fn cloud(port: u16, t: Arc<Tally>) {
     }
 }
 
-/// A pty pair: the master, the slave's path, and the slave (kept open so the port never sees a
-/// hang-up).
-fn pty() -> (std::fs::File, String, std::fs::File) {
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty writes two descriptors we then own; the name and termios are not used.
-    let rc = unsafe {
-        openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty");
-    let path = std::fs::read_link(format!("/proc/self/fd/{slave}"))
-        .expect("pty name")
-        .display()
-        .to_string();
-    // SAFETY: both descriptors are open and owned by nothing else.
-    unsafe {
-        (
-            std::fs::File::from_raw_fd(master),
-            path,
-            std::fs::File::from_raw_fd(slave),
-        )
-    }
-}
-
-extern "C" {
-    fn openpty(
-        amaster: *mut i32,
-        aslave: *mut i32,
-        name: *mut u8,
-        termp: *const u8,
-        winp: *const u8,
-    ) -> i32;
-}
-
 /// The sensor: `s=<n>` five times a second, on its own thread (pty writes block when the
 /// port stops reading, which is outpost's back-pressure).
 fn serial_feed(mut master: std::fs::File, t: Arc<Tally>) -> std::thread::JoinHandle<()> {
@@ -464,18 +424,6 @@ fn serial_feed(mut master: std::fs::File, t: Arc<Tally>) -> std::thread::JoinHan
             std::thread::sleep(Duration::from_millis(200));
         }
     })
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn fds(pid: u32) -> u64 {
@@ -574,7 +522,7 @@ async fn soak(a: Args) -> i32 {
     let upstream = Mosquitto::start();
     let proxy = Proxy::start(upstream.port);
     let rules = tempfile::tempdir().expect("tempdir");
-    let (master, slave_path, _slave) = pty();
+    let (master, slave_path, _slave) = common::pty();
     let extra = format!(
         "[[listener]]\nkind = \"mqtt-sn\"\nbind = \"127.0.0.1:0\"\n\n{}\n\
          [[serial]]\nname = \"p1\"\ndevice = \"{slave_path}\"\nbaud = 115200\n\
@@ -656,7 +604,7 @@ async fn soak(a: Args) -> i32 {
             proxy.set(Mode::Pass);
             restore_at = None;
         }
-        let (rss, nfd) = (rss_kib(pid), fds(pid));
+        let (rss, nfd) = (common::rss_kib(pid), fds(pid));
         let (outbox, uplink) = status(&cfg);
         max_outbox = max_outbox.max(outbox.unwrap_or(0));
         samples.push((el, rss, nfd));

@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::Write;
-use std::os::fd::FromRawFd;
 use std::time::Duration;
 
 use common::proxy::{uplink_section, Mode, Mosquitto, Proxy};
@@ -20,53 +19,13 @@ remote_prefix = "sites/{gateway_id}/"
 qos = 1
 "#;
 
-/// A pty pair: the master as a file, the slave's path.
-fn pty() -> (std::fs::File, String, std::fs::File) {
-    let mut master = 0;
-    let mut slave = 0;
-    // SAFETY: openpty writes two descriptors we then own; the name and termios are not used.
-    let rc = unsafe {
-        libc_openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty");
-    let path = std::fs::read_link(format!("/proc/self/fd/{slave}"))
-        .unwrap()
-        .display()
-        .to_string();
-    // SAFETY: both descriptors are open and owned by nothing else.
-    unsafe {
-        (
-            std::fs::File::from_raw_fd(master),
-            path,
-            std::fs::File::from_raw_fd(slave),
-        )
-    }
-}
-
-extern "C" {
-    #[link_name = "openpty"]
-    fn libc_openpty(
-        amaster: *mut i32,
-        aslave: *mut i32,
-        name: *mut u8,
-        termp: *const u8,
-        winp: *const u8,
-    ) -> i32;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_slows_the_port_and_loses_no_reading() {
     let m = Mosquitto::start();
     let proxy = Proxy::start(m.port);
     proxy.set(Mode::Refuse);
     let rules = tempfile::tempdir().unwrap();
-    let (mut master, slave_path, _slave) = pty();
+    let (mut master, slave_path, _slave) = common::pty();
     let extra = format!(
         "[store]\nmax_messages = 20\nwhen_full = \"block\"\n\n{}\n\
          [[serial]]\nname = \"p1\"\ndevice = \"{slave_path}\"\nbaud = 115200\n\

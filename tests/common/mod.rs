@@ -307,3 +307,56 @@ pub fn read_until_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
 pub fn write(s: &mut TcpStream, b: &[u8]) {
     let _ = s.write_all(b);
 }
+
+/// A pty pair: the master, the slave's path, and the slave (kept open so the port never sees a
+/// hang-up). Stands in for a UART.
+pub fn pty() -> (std::fs::File, String, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two descriptors we then own; the name and termios are not used.
+    let rc = unsafe {
+        openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    let path = std::fs::read_link(format!("/proc/self/fd/{slave}"))
+        .expect("pty name")
+        .display()
+        .to_string();
+    // SAFETY: both descriptors are open and owned by nothing else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            path,
+            std::fs::File::from_raw_fd(slave),
+        )
+    }
+}
+
+extern "C" {
+    fn openpty(
+        amaster: *mut i32,
+        aslave: *mut i32,
+        name: *mut u8,
+        termp: *const u8,
+        winp: *const u8,
+    ) -> i32;
+}
+
+/// A process's resident memory in KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
