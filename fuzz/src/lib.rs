@@ -366,6 +366,9 @@ impl Durable for FakeStore {
 /// An inbound QoS 1/2 publish whose ack the hub owes: the tokens its effects went out with.
 struct Owed {
     tokens: HashSet<u64>,
+    /// The tokens submitted while this publish itself was handled (its own effects; a
+    /// duplicate's are only the gate behind its original's).
+    own: HashSet<u64>,
     refused: bool,
     /// The publish is being handled now: tokens submitted so far in this call count too.
     live: bool,
@@ -413,6 +416,9 @@ impl Watch {
                 ids.push(p.packet_id);
             }
             Packet::PubAck(a) | Packet::PubRec(a) if a.reason < 0x80 => {
+                if std::env::var_os("OUTPOST_FUZZ_TRACE").is_some() {
+                    eprintln!("  hub -> {conn} {p:?}");
+                }
                 let key = (conn, a.packet_id);
                 let committed = &self.committed;
                 let in_call = !self.store.model().fresh.is_empty();
@@ -521,6 +527,9 @@ impl HubRig {
             } if p.qos != QoS::AtMostOnce => Some((*conn, p.packet_id, p.qos)),
             _ => None,
         };
+        if std::env::var_os("OUTPOST_FUZZ_TRACE").is_some() {
+            eprintln!("  hub <- {input:?}");
+        }
         self.store.model().fresh.clear();
         // The entry goes in before the call, since the ack may come within it (nothing to
         // store); while live it also waits for whatever the call submits.
@@ -528,17 +537,19 @@ impl HubRig {
             let q = self.out.owed.entry((conn, pid)).or_default();
             let mut tokens = HashSet::new();
             // A QoS 2 duplicate waits for the original; a client that reuses a QoS 1 id for a
-            // QoS 2 message broke the protocol, and the two are not the same message.
+            // QoS 2 message broke the protocol, and the two are not the same message. Nor is a
+            // retry of a refused one (its PUBREC carried an error and freed the id).
             if qos == QoS::ExactlyOnce {
                 for o in q
                     .iter()
-                    .filter(|o| o.qos == QoS::ExactlyOnce && !o.released)
+                    .filter(|o| o.qos == QoS::ExactlyOnce && !o.released && !o.refused)
                 {
-                    tokens.extend(o.tokens.iter().copied());
+                    tokens.extend(o.own.iter().copied());
                 }
             }
             q.push_back(Owed {
                 tokens,
+                own: HashSet::new(),
                 refused: false,
                 live: true,
                 acked_live: false,
@@ -548,6 +559,9 @@ impl HubRig {
         }
         self.hub.handle(self.now, input, &mut self.out);
         let fresh: Vec<u64> = self.store.model().fresh.drain(..).collect();
+        if std::env::var_os("OUTPOST_FUZZ_TRACE").is_some() && !fresh.is_empty() {
+            eprintln!("  submitted {fresh:?}");
+        }
         let Some((conn, pid, _)) = owed else {
             return;
         };
@@ -564,7 +578,8 @@ impl HubRig {
                 q.remove(i);
             } else {
                 q[i].live = false;
-                q[i].tokens.extend(fresh);
+                q[i].tokens.extend(fresh.iter().copied());
+                q[i].own.extend(fresh);
             }
         }
     }
@@ -579,9 +594,11 @@ impl HubRig {
             }
             m.pending.remove(0)
         };
+        // The store answers Full only for an insert (`when_full = "block"`); any batch can fail.
+        let inserts = ops.iter().any(|o| matches!(o, Op::Insert { .. }));
         let outcome = match how % 8 {
             0 => Err(Arc::new(StoreError::DiskFull)),
-            1 => Ok(vec![OpResult::Full]),
+            1 if inserts => Ok(vec![OpResult::Full]),
             _ => Ok(vec![OpResult::Done]),
         };
         match &outcome {
