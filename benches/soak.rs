@@ -674,9 +674,10 @@ async fn soak(a: Args) -> i32 {
     let _ = std::fs::write(&svg_path, plot(&samples, &depths));
     let ok = missing == 0 && outbox_end == Some(0) && rss_flat && fd_flat;
     println!(
-        "soak summary ({} s, {cuts} uplink cuts, CSV {}):",
+        "soak summary ({} s, {cuts} uplink cuts; CSV {}, plot {}):",
         a.secs,
-        csv_path.display()
+        csv_path.display(),
+        svg_path.display()
     );
     println!(
         "  acknowledged: {} MQTT, {} MQTT-SN, {serial_n} serial lines written; local QoS 0 deliveries {}",
