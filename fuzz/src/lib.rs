@@ -364,20 +364,16 @@ impl Durable for FakeStore {
 }
 
 /// An inbound QoS 1/2 publish whose ack the hub owes: the tokens its effects went out with.
+/// A QoS 2 duplicate (its id still awaiting PUBREL) owes nothing of its own: it waits for its
+/// original's tokens, and its own request is only the hub's gate behind them.
 struct Owed {
     tokens: HashSet<u64>,
-    /// The tokens submitted while this publish itself was handled (its own effects; a
-    /// duplicate's are only the gate behind its original's).
-    own: HashSet<u64>,
     refused: bool,
     /// The publish is being handled now: tokens submitted so far in this call count too.
     live: bool,
     /// Acknowledged while live: fine only if the call submits nothing for it after all.
     acked_live: bool,
-    qos: QoS,
-    /// The client has sent PUBREL for this id since: a later QoS 2 publish with it is a new
-    /// message, not a duplicate of this one.
-    released: bool,
+    dup: bool,
 }
 
 /// What the outlet saw, and the invariants it checks as packets arrive.
@@ -391,6 +387,8 @@ struct Watch {
     inflight: HashMap<ConnId, Vec<u16>>,
     /// Acks the hub owes each (connection, packet id), oldest first.
     owed: HashMap<(ConnId, u16), VecDeque<Owed>>,
+    /// Per (connection, QoS 2 packet id) awaiting PUBREL: the tokens of the original's effects.
+    originals: HashMap<(ConnId, u16), HashSet<u64>>,
     /// Tokens the input has committed successfully.
     committed: HashSet<u64>,
     closed: HashSet<ConnId>,
@@ -455,6 +453,7 @@ impl Watch {
     fn forget(&mut self, conn: ConnId) {
         self.inflight.remove(&conn);
         self.owed.retain(|(c, _), _| *c != conn);
+        self.originals.retain(|(c, _), _| *c != conn);
         self.room.remove(&conn);
         self.want_ready.remove(&conn);
         self.acked.remove(&conn);
@@ -533,41 +532,41 @@ impl HubRig {
         self.store.model().fresh.clear();
         // The entry goes in before the call, since the ack may come within it (nothing to
         // store); while live it also waits for whatever the call submits.
+        let mut dup = false;
         if let Some((conn, pid, qos)) = owed {
-            let q = self.out.owed.entry((conn, pid)).or_default();
-            let mut tokens = HashSet::new();
-            // A QoS 2 duplicate waits for the original; a client that reuses a QoS 1 id for a
-            // QoS 2 message broke the protocol, and the two are not the same message. Nor is a
-            // retry of a refused one (its PUBREC carried an error and freed the id).
-            if qos == QoS::ExactlyOnce {
-                for o in q
-                    .iter()
-                    .filter(|o| o.qos == QoS::ExactlyOnce && !o.released && !o.refused)
-                {
-                    tokens.extend(o.own.iter().copied());
-                }
-            }
-            q.push_back(Owed {
-                tokens,
-                own: HashSet::new(),
-                refused: false,
-                live: true,
-                acked_live: false,
-                qos,
-                released: false,
-            });
+            // A QoS 2 publish whose id has an original (not yet released by PUBREL, not
+            // refused) is its duplicate. QoS 1 ids carry no such state: a client that reuses
+            // one while in flight sends a new message.
+            let original = (qos == QoS::ExactlyOnce)
+                .then(|| self.out.originals.get(&(conn, pid)).cloned())
+                .flatten();
+            dup = original.is_some();
+            self.out
+                .owed
+                .entry((conn, pid))
+                .or_default()
+                .push_back(Owed {
+                    tokens: original.unwrap_or_default(),
+                    refused: false,
+                    live: !dup,
+                    acked_live: false,
+                    dup,
+                });
         }
         self.hub.handle(self.now, input, &mut self.out);
         let fresh: Vec<u64> = self.store.model().fresh.drain(..).collect();
         if std::env::var_os("OUTPOST_FUZZ_TRACE").is_some() && !fresh.is_empty() {
             eprintln!("  submitted {fresh:?}");
         }
-        let Some((conn, pid, _)) = owed else {
+        let Some((conn, pid, qos)) = owed else {
             return;
         };
         let Some(q) = self.out.owed.get_mut(&(conn, pid)) else {
             return;
         };
+        if dup {
+            return;
+        }
         if let Some(i) = q.iter().position(|o| o.live) {
             if q[i].acked_live {
                 assert!(
@@ -579,8 +578,12 @@ impl HubRig {
             } else {
                 q[i].live = false;
                 q[i].tokens.extend(fresh.iter().copied());
-                q[i].own.extend(fresh);
             }
+        }
+        if qos == QoS::ExactlyOnce {
+            self.out
+                .originals
+                .insert((conn, pid), fresh.into_iter().collect());
         }
     }
 
@@ -607,6 +610,8 @@ impl HubRig {
                 self.out.committed.insert(token);
             }
             _ => {
+                // Refused effects refuse their publish and its duplicates, and free the id; a
+                // duplicate's failed gate refuses nothing (its original is what counts).
                 for q in self.out.owed.values_mut() {
                     for o in q.iter_mut() {
                         if o.tokens.contains(&token) {
@@ -614,6 +619,7 @@ impl HubRig {
                         }
                     }
                 }
+                self.out.originals.retain(|_, t| !t.contains(&token));
             }
         }
         self.input(HubInput::Committed { token, outcome });
@@ -774,9 +780,7 @@ pub fn hub_machine(data: &[u8]) {
             5 => {
                 let Some(conn) = slots[slot] else { continue };
                 let pid = 1 + (b % 4) as u16;
-                for o in r.out.owed.get_mut(&(conn, pid)).into_iter().flatten() {
-                    o.released = true;
-                }
+                r.out.originals.remove(&(conn, pid));
                 let packet = Packet::PubRel(Ack {
                     packet_id: pid,
                     ..Ack::default()
@@ -1178,15 +1182,13 @@ pub fn sn_machine(data: &[u8]) {
                 // After PUBREL, a QoS 2 publish with the same id is a new message.
                 let pid = 1 + (b as u16 % 4);
                 let claimed = r.client_of_addr.get(&addr).cloned().unwrap_or_default();
-                for ((conn, id), q) in r.hub.out.owed.iter_mut() {
-                    let mine = r
-                        .client_of_conn
+                let client_of_conn = &r.client_of_conn;
+                r.hub.out.originals.retain(|(conn, id), _| {
+                    let mine = client_of_conn
                         .get(conn)
                         .is_some_and(|c| claimed.contains(c));
-                    if *id == pid && mine {
-                        q.iter_mut().for_each(|o| o.released = true);
-                    }
-                }
+                    !(*id == pid && mine)
+                });
                 r.dgram(addr, Message::PubRel { msg_id: pid });
             }
             8 => r.dgram(

@@ -175,9 +175,13 @@ struct Pending {
     publisher: Option<Arc<str>>,
     /// Rows created for this commit, by session; removed from the RAM queues if it is refused.
     rows: Vec<(Arc<str>, i64)>,
-    /// The PUBREC answers a QoS 2 duplicate: valid only if the original is still recorded
-    /// (its commit was not refused meanwhile).
-    qos2_dup: Option<u16>,
+    /// The PUBREC answers a QoS 2 duplicate of the message with this (packet id, generation):
+    /// valid only while that very message still holds the id (its commit was not refused, the
+    /// id not released and taken by another).
+    qos2_dup: Option<(u16, u64)>,
+    /// The PUBREC answers this QoS 2 message (packet id, generation): refused, it frees the id,
+    /// unless another message holds it by then.
+    qos2_original: Option<(u16, u64)>,
     /// An inbound uplink message: its upstream ack (packet id, QoS) is released on commit.
     uplink: Option<(u16, QoS)>,
 }
@@ -201,6 +205,8 @@ pub struct Hub {
     persist: Persist,
     next_row: i64,
     next_token: u64,
+    /// Generations for inbound QoS 2 ids (`Session::inbound_qos2`).
+    next_qos2_gen: u64,
     pending: HashMap<u64, Pending>,
     next_expire: Option<Instant>,
     /// Outbound bridge rules; empty when there is no uplink.
@@ -237,6 +243,7 @@ impl Hub {
             },
             next_row: 1,
             next_token: 1,
+            next_qos2_gen: 0,
             pending: HashMap::new(),
             next_expire: None,
             outs: Vec::new(),
@@ -338,7 +345,8 @@ impl Hub {
         }
         for (client, pid) in r.inbound_qos2 {
             if let Some(s) = self.sessions.get_mut(client.as_str()) {
-                s.inbound_qos2.insert(pid);
+                self.next_qos2_gen += 1;
+                s.inbound_qos2.insert(pid, self.next_qos2_gen);
             }
         }
         for rt in r.retained {
@@ -539,21 +547,23 @@ impl Hub {
                 }
             }
         }
-        let original_gone = p.qos2_dup.is_some_and(|pid| {
-            !p.reply
+        let refused = match p.qos2_dup {
+            // A duplicate's own request only orders its ack after the original's (the writer is
+            // FIFO): what counts is whether that original still holds the id, stored.
+            Some((pid, gen)) => !p
+                .reply
                 .as_ref()
                 .and_then(|(c, _)| self.conns.get(c))
                 .and_then(|id| self.sessions.get(id))
-                .is_some_and(|s| s.inbound_qos2.contains(&pid))
-        });
-        let refused = original_gone
-            || match &outcome {
+                .is_some_and(|s| s.inbound_qos2.get(&pid) == Some(&gen)),
+            None => match &outcome {
                 Ok(results) => results.contains(&OpResult::Full),
                 Err(e) => {
                     tracing::warn!(error = %e, "durable effects failed; their acks are refused");
                     true
                 }
-            };
+            },
+        };
         if refused {
             // The message was not accepted: stored sessions must not get it either. (Copies
             // already handed to a connection, or to sessions that are not stored, are gone.)
@@ -563,11 +573,13 @@ impl Hub {
                 }
             }
             // Not stored, so a retry must be routed again, whichever connection it comes on.
-            if let (Some((_, Packet::PubRec(a))), Some(s)) = (
-                &p.reply,
+            if let (Some((pid, gen)), Some(s)) = (
+                p.qos2_original,
                 p.publisher.as_ref().and_then(|c| self.sessions.get_mut(c)),
             ) {
-                s.inbound_qos2.remove(&a.packet_id);
+                if s.inbound_qos2.get(&pid) == Some(&gen) {
+                    s.inbound_qos2.remove(&pid);
+                }
             }
         }
         if let Some((pid, qos)) = p.uplink {
@@ -880,7 +892,7 @@ impl Hub {
                 let Some(s) = self.sessions.get_mut(&id) else {
                     return;
                 };
-                let known = s.inbound_qos2.remove(&a.packet_id);
+                let known = s.inbound_qos2.remove(&a.packet_id).is_some();
                 let code = if known {
                     reason::SUCCESS
                 } else {
@@ -986,7 +998,10 @@ impl Hub {
         let v = s.version;
         let durable_publisher = s.stored && self.persist.durable.is_some();
         self.stats.received += 1;
-        if p.qos == QoS::ExactlyOnce && s.inbound_qos2.contains(&p.packet_id) {
+        if let Some(&gen) = (p.qos == QoS::ExactlyOnce)
+            .then(|| s.inbound_qos2.get(&p.packet_id))
+            .flatten()
+        {
             // A resent QoS 2 PUBLISH we already routed: acknowledge, never deliver twice.
             let rec = Packet::PubRec(ack(p.packet_id, reason::SUCCESS, v));
             if self.persist.durable.is_none() {
@@ -996,7 +1011,7 @@ impl Hub {
             // empty request completes after them; if they were refused, so is this ack.
             let pending = Pending {
                 reply: Some((conn, rec)),
-                qos2_dup: Some(p.packet_id),
+                qos2_dup: Some((p.packet_id, gen)),
                 ..Pending::default()
             };
             return self.submit_gated(now, Vec::new(), pending, out);
@@ -1036,6 +1051,7 @@ impl Hub {
                 code = reason::NO_MATCHING_SUBSCRIBERS;
             }
         }
+        let mut qos2_original = None;
         let reply = match qos {
             QoS::AtMostOnce => {
                 // Nobody waits for a QoS 0 message's effects (a retained update, say).
@@ -1046,7 +1062,9 @@ impl Hub {
             QoS::ExactlyOnce => {
                 if code < 0x80 {
                     if let Some(s) = self.sessions.get_mut(id) {
-                        s.inbound_qos2.insert(pid);
+                        self.next_qos2_gen += 1;
+                        s.inbound_qos2.insert(pid, self.next_qos2_gen);
+                        qos2_original = Some((pid, self.next_qos2_gen));
                     }
                     if durable_publisher {
                         // Committed with the message, so a resend after a crash is recognised.
@@ -1075,6 +1093,7 @@ impl Hub {
             tails: routed.tails,
             publisher: Some(id.clone()),
             rows: routed.rows,
+            qos2_original,
             ..Pending::default()
         };
         self.submit_gated(now, routed.ops, pending, out);

@@ -6,7 +6,7 @@
 //! store as well: once its RAM queue is full (or after a restart) new ones live only in the
 //! store, as its "tail", and are read back in windows as the client drains them.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -100,7 +100,9 @@ pub struct Session {
     pub inflight: VecDeque<Inflight>,
     next_pid: u16,
     /// QoS 2 packet ids received and PUBREC'd, awaiting PUBREL: a DUP of one is not routed again.
-    pub inbound_qos2: HashSet<u16>,
+    /// Each maps to the generation of the message that took it, so an answer gated on one
+    /// message is never taken for a later one that reused the id.
+    pub inbound_qos2: HashMap<u16, u64>,
     pub control: VecDeque<Packet>,
     /// The client's Receive Maximum.
     pub receive_max: u16,
@@ -144,7 +146,7 @@ impl Session {
             queue: VecDeque::new(),
             inflight: VecDeque::new(),
             next_pid: 0,
-            inbound_qos2: HashSet::new(),
+            inbound_qos2: HashMap::new(),
             control: VecDeque::new(),
             receive_max: u16::MAX,
             max_packet: u32::MAX,

@@ -726,6 +726,82 @@ fn qos2_dup_is_not_acked_before_the_original_commits() {
     assert_eq!(t.out.publishes(1).len(), 1, "delivered once");
 }
 
+/// Found by the `hub_machine` fuzz target: a duplicate's gate completing after its original was
+/// refused and the id taken by a new message must not acknowledge the new message before that
+/// one's own commit.
+#[test]
+fn a_stale_duplicate_ack_is_not_taken_for_a_later_message_with_the_id() {
+    let (mut t, store) = durable_hub();
+    t.connect(1, Version::V311, "sub", false);
+    subscribe_durable(&mut t, &store, 1, "d");
+    let mut c = connect(Version::V5, "pub", true);
+    c.properties.session_expiry_interval = Some(60);
+    t.connect_with(2, c);
+    t.out.take(2);
+    let commit = |t: &mut T, tok: u64, outcome: crate::store::Outcome| {
+        t.input(HubInput::Committed {
+            token: tok,
+            outcome,
+        })
+    };
+    let full = || Ok(vec![crate::store::OpResult::Full]);
+    let done = || Ok(vec![crate::store::OpResult::Done]);
+
+    t.publish(2, msg("d", "first", QoS::ExactlyOnce, 5));
+    let mut dup = msg("d", "first", QoS::ExactlyOnce, 5);
+    dup.dup = true;
+    t.publish(2, dup);
+    let gated = store.gated();
+    assert_eq!(gated.len(), 2);
+    commit(&mut t, gated[0].0, full());
+    assert_eq!(pubrecs(&mut t, 2), vec![0x97], "the original is refused");
+    // The id is free: the client sends a new message with it.
+    t.publish(2, msg("d", "second", QoS::ExactlyOnce, 5));
+    let second = store.gated();
+    assert_eq!(second.len(), 1, "routed as a new message");
+    commit(&mut t, gated[1].0, done());
+    assert_eq!(
+        pubrecs(&mut t, 2),
+        vec![0x97],
+        "the duplicate of the refused message is refused, not taken for the new one"
+    );
+    commit(&mut t, second[0].0, done());
+    assert_eq!(
+        pubrecs(&mut t, 2),
+        vec![0],
+        "the new message once it is stored"
+    );
+}
+
+/// A duplicate's gate that fails (a full disk rolls back the batch it shared) does not refuse
+/// an original that is stored: the id stays taken, so a refusal would let the client reuse it
+/// for a message the hub would then swallow as a duplicate.
+#[test]
+fn a_failed_duplicate_gate_does_not_refuse_a_stored_original() {
+    let (mut t, store) = durable_hub();
+    t.connect(1, Version::V311, "sub", false);
+    subscribe_durable(&mut t, &store, 1, "d");
+    let mut c = connect(Version::V5, "pub", true);
+    c.properties.session_expiry_interval = Some(60);
+    t.connect_with(2, c);
+    t.out.take(2);
+    t.publish(2, msg("d", "x", QoS::ExactlyOnce, 5));
+    let mut dup = msg("d", "x", QoS::ExactlyOnce, 5);
+    dup.dup = true;
+    t.publish(2, dup);
+    let gated = store.gated();
+    t.input(HubInput::Committed {
+        token: gated[0].0,
+        outcome: Ok(vec![crate::store::OpResult::Done]),
+    });
+    t.input(HubInput::Committed {
+        token: gated[1].0,
+        outcome: Err(std::sync::Arc::new(crate::store::StoreError::DiskFull)),
+    });
+    assert_eq!(pubrecs(&mut t, 2), vec![0, 0]);
+    assert!(t.hub.sessions["pub"].inbound_qos2.contains_key(&5));
+}
+
 #[test]
 fn refused_qos2_is_forgotten_even_after_a_reconnect() {
     let (mut t, store) = durable_hub();
