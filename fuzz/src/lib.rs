@@ -373,7 +373,6 @@ struct Owed {
     live: bool,
     /// Acknowledged while live: fine only if the call submits nothing for it after all.
     acked_live: bool,
-    dup: bool,
 }
 
 /// What the outlet saw, and the invariants it checks as packets arrive.
@@ -387,8 +386,11 @@ struct Watch {
     inflight: HashMap<ConnId, Vec<u16>>,
     /// Acks the hub owes each (connection, packet id), oldest first.
     owed: HashMap<(ConnId, u16), VecDeque<Owed>>,
-    /// Per (connection, QoS 2 packet id) awaiting PUBREL: the tokens of the original's effects.
-    originals: HashMap<(ConnId, u16), HashSet<u64>>,
+    /// Per (client id, QoS 2 packet id) awaiting PUBREL: the tokens of the original's effects.
+    /// By client, not connection: a persistent session keeps its ids across reconnections.
+    originals: HashMap<(String, u16), HashSet<u64>>,
+    /// conn -> (client id, whether its session outlives the connection).
+    clients: HashMap<ConnId, (String, bool)>,
     /// Tokens the input has committed successfully.
     committed: HashSet<u64>,
     closed: HashSet<ConnId>,
@@ -453,7 +455,10 @@ impl Watch {
     fn forget(&mut self, conn: ConnId) {
         self.inflight.remove(&conn);
         self.owed.retain(|(c, _), _| *c != conn);
-        self.originals.retain(|(c, _), _| *c != conn);
+        // A session that ends with its connection takes its QoS 2 ids with it.
+        if let Some((client, false)) = self.clients.remove(&conn) {
+            self.originals.retain(|(c, _), _| *c != client);
+        }
         self.room.remove(&conn);
         self.want_ready.remove(&conn);
         self.acked.remove(&conn);
@@ -529,6 +534,22 @@ impl HubRig {
         if std::env::var_os("OUTPOST_FUZZ_TRACE").is_some() {
             eprintln!("  hub <- {input:?}");
         }
+        if let HubInput::Connect { conn, connect, .. } = &input {
+            // An empty id gets one assigned: unique, as far as this model cares.
+            let client = if connect.client_id.is_empty() {
+                format!("assigned-{conn}")
+            } else {
+                connect.client_id.clone()
+            };
+            let persistent = match connect.version {
+                Version::V5 => connect.properties.session_expiry_interval.unwrap_or(0) > 0,
+                _ => !connect.clean_start,
+            };
+            if connect.clean_start {
+                self.out.originals.retain(|(c, _), _| *c != client);
+            }
+            self.out.clients.insert(*conn, (client, persistent));
+        }
         self.store.model().fresh.clear();
         // The entry goes in before the call, since the ack may come within it (nothing to
         // store); while live it also waits for whatever the call submits.
@@ -538,7 +559,10 @@ impl HubRig {
             // refused) is its duplicate. QoS 1 ids carry no such state: a client that reuses
             // one while in flight sends a new message.
             let original = (qos == QoS::ExactlyOnce)
-                .then(|| self.out.originals.get(&(conn, pid)).cloned())
+                .then(|| {
+                    let client = self.out.clients.get(&conn)?.0.clone();
+                    self.out.originals.get(&(client, pid)).cloned()
+                })
                 .flatten();
             dup = original.is_some();
             self.out
@@ -550,7 +574,6 @@ impl HubRig {
                     refused: false,
                     live: !dup,
                     acked_live: false,
-                    dup,
                 });
         }
         self.hub.handle(self.now, input, &mut self.out);
@@ -580,10 +603,15 @@ impl HubRig {
                 q[i].tokens.extend(fresh.iter().copied());
             }
         }
-        if qos == QoS::ExactlyOnce {
+        if let Some((client, _)) = self
+            .out
+            .clients
+            .get(&conn)
+            .filter(|_| qos == QoS::ExactlyOnce)
+        {
             self.out
                 .originals
-                .insert((conn, pid), fresh.into_iter().collect());
+                .insert((client.clone(), pid), fresh.into_iter().collect());
         }
     }
 
@@ -780,7 +808,9 @@ pub fn hub_machine(data: &[u8]) {
             5 => {
                 let Some(conn) = slots[slot] else { continue };
                 let pid = 1 + (b % 4) as u16;
-                r.out.originals.remove(&(conn, pid));
+                if let Some((client, _)) = r.out.clients.get(&conn) {
+                    r.out.originals.remove(&(client.clone(), pid));
+                }
                 let packet = Packet::PubRel(Ack {
                     packet_id: pid,
                     ..Ack::default()
@@ -1182,13 +1212,10 @@ pub fn sn_machine(data: &[u8]) {
                 // After PUBREL, a QoS 2 publish with the same id is a new message.
                 let pid = 1 + (b as u16 % 4);
                 let claimed = r.client_of_addr.get(&addr).cloned().unwrap_or_default();
-                let client_of_conn = &r.client_of_conn;
-                r.hub.out.originals.retain(|(conn, id), _| {
-                    let mine = client_of_conn
-                        .get(conn)
-                        .is_some_and(|c| claimed.contains(c));
-                    !(*id == pid && mine)
-                });
+                r.hub
+                    .out
+                    .originals
+                    .retain(|(client, id), _| !(*id == pid && claimed.contains(client)));
                 r.dgram(addr, Message::PubRel { msg_id: pid });
             }
             8 => r.dgram(
@@ -1219,6 +1246,8 @@ pub fn sn_machine(data: &[u8]) {
                 let client_id = (c & 1 != 0).then(|| format!("s{}", b % 5));
                 if let Some(id) = &client_id {
                     r.client_of_addr.entry(addr).or_default().push(id.clone());
+                    // A client that exists moves here, and whoever was here is gone.
+                    r.inflight.remove(&addr);
                 }
                 r.dgram(addr, Message::PingReq { client_id });
             }
