@@ -726,11 +726,8 @@ fn qos2_dup_is_not_acked_before_the_original_commits() {
     assert_eq!(t.out.publishes(1).len(), 1, "delivered once");
 }
 
-/// Found by the `hub_machine` fuzz target: a duplicate's gate completing after its original was
-/// refused and the id taken by a new message must not acknowledge the new message before that
-/// one's own commit.
-#[test]
-fn a_stale_duplicate_ack_is_not_taken_for_a_later_message_with_the_id() {
+/// A durable hub with a stored subscriber on `d` (conn 1) and a v5 publisher "pub" (conn 2).
+fn durable_qos2_pair() -> (T, ManualStore) {
     let (mut t, store) = durable_hub();
     t.connect(1, Version::V311, "sub", false);
     subscribe_durable(&mut t, &store, 1, "d");
@@ -738,6 +735,15 @@ fn a_stale_duplicate_ack_is_not_taken_for_a_later_message_with_the_id() {
     c.properties.session_expiry_interval = Some(60);
     t.connect_with(2, c);
     t.out.take(2);
+    (t, store)
+}
+
+/// Found by the `hub_machine` fuzz target: a duplicate's gate completing after its original was
+/// refused and the id taken by a new message must not acknowledge the new message before that
+/// one's own commit.
+#[test]
+fn a_stale_duplicate_ack_is_not_taken_for_a_later_message_with_the_id() {
+    let (mut t, store) = durable_qos2_pair();
     let commit = |t: &mut T, tok: u64, outcome: crate::store::Outcome| {
         t.input(HubInput::Committed {
             token: tok,
@@ -778,13 +784,7 @@ fn a_stale_duplicate_ack_is_not_taken_for_a_later_message_with_the_id() {
 /// for a message the hub would then swallow as a duplicate.
 #[test]
 fn a_failed_duplicate_gate_does_not_refuse_a_stored_original() {
-    let (mut t, store) = durable_hub();
-    t.connect(1, Version::V311, "sub", false);
-    subscribe_durable(&mut t, &store, 1, "d");
-    let mut c = connect(Version::V5, "pub", true);
-    c.properties.session_expiry_interval = Some(60);
-    t.connect_with(2, c);
-    t.out.take(2);
+    let (mut t, store) = durable_qos2_pair();
     t.publish(2, msg("d", "x", QoS::ExactlyOnce, 5));
     let mut dup = msg("d", "x", QoS::ExactlyOnce, 5);
     dup.dup = true;
