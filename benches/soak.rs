@@ -265,13 +265,19 @@ impl Sn {
     }
 
     /// CONNECT then REGISTER of `topic`; the topic id.
-    async fn connect(&mut self, id: &str, clean: bool, topic: &str) -> Option<u16> {
+    async fn connect(
+        &mut self,
+        id: &str,
+        clean: bool,
+        keep_alive: u16,
+        topic: &str,
+    ) -> Option<u16> {
         let connect = Message::Connect {
             flags: Flags {
                 clean_session: clean,
                 ..Flags::default()
             },
-            duration: 60,
+            duration: keep_alive,
             client_id: id.into(),
         };
         match self
@@ -316,11 +322,13 @@ async fn sn_client(port: u16, i: usize, sleeper: bool, interval: Duration, t: Ar
     let id = format!("soak-n{i}");
     let topic = format!("soak/sn/{i}");
     nap(&t, interval.mul_f64((i % 100) as f64 / 100.0)).await;
+    // Long enough that one publish per interval keeps the client alive, whatever the interval.
+    let keep_alive = (interval.as_secs() * 3).clamp(60, u16::MAX as u64) as u16;
     let mut topic_id = None;
     let mut seq = 0u16;
     while !t.stop.load(Ordering::Relaxed) {
         if topic_id.is_none() {
-            topic_id = c.connect(&id, !sleeper, &topic).await;
+            topic_id = c.connect(&id, !sleeper, keep_alive, &topic).await;
             if topic_id.is_none() {
                 t.errors.fetch_add(1, Ordering::Relaxed);
                 nap(&t, Duration::from_secs(5)).await;
@@ -357,7 +365,7 @@ async fn sn_client(port: u16, i: usize, sleeper: bool, interval: Duration, t: Ar
         }
         if sleeper {
             let d = Message::Disconnect {
-                duration: Some(interval.as_secs() as u16 * 3),
+                duration: Some(keep_alive),
             };
             let _ = c
                 .exchange(d, |m| matches!(m, Message::Disconnect { .. }))
@@ -375,7 +383,7 @@ async fn sn_client(port: u16, i: usize, sleeper: bool, interval: Duration, t: Ar
             }
             topic_id = None;
         } else {
-            // PINGREQ keeps the session alive between publishes, as a sensor would.
+            // The next publish, within the keep-alive, is what keeps the client alive.
             nap(&t, interval).await;
         }
     }

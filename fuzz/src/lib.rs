@@ -25,6 +25,13 @@ use outpost::proto::mqttsn::codec::{self as sn, Flags, Message, SnQos, TopicRef}
 use outpost::proto::mqttsn::gateway::{Gateway, GatewayConfig, Output, Predefined};
 use outpost::store::{Dest, Op, OpResult, StoreError, StoredMessage};
 
+/// `OUTPOST_FUZZ_TRACE=1` prints every step and hub exchange (for shrinking a crash); read once,
+/// since the checks run millions of times.
+fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("OUTPOST_FUZZ_TRACE").is_some())
+}
+
 /// A target's check.
 pub type Check = fn(&[u8]);
 
@@ -394,8 +401,6 @@ struct Watch {
     /// Tokens the input has committed successfully.
     committed: HashSet<u64>,
     closed: HashSet<ConnId>,
-    /// Acks the hub sent an MQTT-SN connection, by packet id (for the gateway's own check).
-    acked: HashMap<ConnId, HashSet<u16>>,
     /// Everything sent, for an adapter to pass on (the MQTT-SN rig's links).
     queues: HashMap<ConnId, VecDeque<Packet>>,
     keep_queues: bool,
@@ -416,7 +421,7 @@ impl Watch {
                 ids.push(p.packet_id);
             }
             Packet::PubAck(a) | Packet::PubRec(a) if a.reason < 0x80 => {
-                if std::env::var_os("OUTPOST_FUZZ_TRACE").is_some() {
+                if trace() {
                     eprintln!("  hub -> {conn} {p:?}");
                 }
                 let key = (conn, a.packet_id);
@@ -439,7 +444,6 @@ impl Watch {
                         a.packet_id
                     ),
                 }
-                self.acked.entry(conn).or_default().insert(a.packet_id);
             }
             _ => {}
         }
@@ -461,7 +465,6 @@ impl Watch {
         }
         self.room.remove(&conn);
         self.want_ready.remove(&conn);
-        self.acked.remove(&conn);
         self.queues.remove(&conn);
     }
 }
@@ -531,7 +534,7 @@ impl HubRig {
             } if p.qos != QoS::AtMostOnce => Some((*conn, p.packet_id, p.qos)),
             _ => None,
         };
-        if std::env::var_os("OUTPOST_FUZZ_TRACE").is_some() {
+        if trace() {
             eprintln!("  hub <- {input:?}");
         }
         if let HubInput::Connect { conn, connect, .. } = &input {
@@ -578,7 +581,7 @@ impl HubRig {
         }
         self.hub.handle(self.now, input, &mut self.out);
         let fresh: Vec<u64> = self.store.model().fresh.drain(..).collect();
-        if std::env::var_os("OUTPOST_FUZZ_TRACE").is_some() && !fresh.is_empty() {
+        if trace() && !fresh.is_empty() {
             eprintln!("  submitted {fresh:?}");
         }
         let Some((conn, pid, qos)) = owed else {
@@ -678,7 +681,7 @@ pub fn hub_machine(data: &[u8]) {
     for step in data.chunks_exact(4) {
         let (op, a, b, c) = (step[0], step[1], step[2], step[3]);
         let slot = (a % 4) as usize;
-        if std::env::var_os("OUTPOST_FUZZ_TRACE").is_some() {
+        if trace() {
             eprintln!("step {} {a} {b} {c} slots {slots:?}", op % 11);
         }
         match op % 11 {
@@ -915,7 +918,7 @@ struct SnRig {
 }
 
 impl SnRig {
-    fn settle(&mut self, _from: Option<u32>) {
+    fn settle(&mut self) {
         for _ in 0..1000 {
             let mut busy = false;
             while let Some(o) = self.gw.poll_output() {
@@ -1041,7 +1044,7 @@ impl SnRig {
         sn::encode(&m, &mut data);
         self.gw
             .handle_datagram(self.hub.now, from, &data, from >= 3);
-        self.settle(Some(from));
+        self.settle();
     }
 }
 
@@ -1116,7 +1119,7 @@ pub fn sn_machine(data: &[u8]) {
             ids[b as usize % ids.len()]
         };
         let msg_id = 1 + (c as u16 >> 4);
-        if std::env::var_os("OUTPOST_FUZZ_TRACE").is_some() {
+        if trace() {
             eprintln!("sn step {} addr {addr} {b} {c}", op % 14);
         }
         match op % 14 {
@@ -1253,7 +1256,7 @@ pub fn sn_machine(data: &[u8]) {
             }
             11 => {
                 r.hub.commit(c);
-                r.settle(None);
+                r.settle();
             }
             12 => {
                 r.hub.now += Duration::from_millis(b as u64 * 100);
@@ -1264,12 +1267,12 @@ pub fn sn_machine(data: &[u8]) {
                 if r.hub.hub.poll_timeout().is_some_and(|t| t <= now) {
                     r.hub.hub.handle_timeout(now, &mut r.hub.out);
                 }
-                r.settle(None);
+                r.settle();
             }
             _ => {
                 // Raw bytes as a datagram: the tail of the step, whatever it is.
                 r.gw.handle_datagram(r.hub.now, addr, &step[1..], false);
-                r.settle(Some(addr));
+                r.settle();
             }
         }
         // Messages the local subscriber gets are acknowledged at once.
@@ -1292,8 +1295,8 @@ pub fn sn_machine(data: &[u8]) {
                 }
             }
         }
-        r.settle(None);
+        r.settle();
     }
     r.gw.shutdown();
-    r.settle(None);
+    r.settle();
 }
