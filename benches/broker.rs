@@ -282,12 +282,15 @@ fn start_to_ready(rows: usize, runs: usize) -> Vec<f64> {
             StoreConfig {
                 synchronous: outpost::store::Synchronous::Normal,
                 max_messages: rows as u64 + 1,
+                // The backlog is one session's queue: give that class the whole store.
+                outbox_share: 0.0,
                 ..StoreConfig::default()
             },
         )
         .expect("store");
         store
             .submit_wait(vec![Op::SessionPut(StoredSession {
+                username: None,
                 client_id: "backlog".into(),
                 version: 4,
                 expiry: u32::MAX,

@@ -115,6 +115,7 @@ pub fn gateway_config(c: &Config, index: usize) -> GatewayConfig {
         advertise: sn.advertise.as_ref().map(|a| a.interval.0),
         max_clients: sn.max_clients.get(),
         conn_base: SN_CONN_BASE + ((index as u64) << 40),
+        max_topic_levels: c.limits.max_topic_levels.get(),
     }
 }
 
@@ -135,6 +136,7 @@ pub fn store_config(c: &Config) -> StoreConfig {
             config::WhenFull::DropOldest => store::WhenFull::DropOldest,
             config::WhenFull::Block => store::WhenFull::Block,
         },
+        outbox_share: st.outbox_share,
     }
 }
 
@@ -148,6 +150,7 @@ fn open_store(dir: &std::path::Path, cfg: StoreConfig) -> Result<(Store, Restore
         inbound_qos2: store.inbound_qos2()?,
         retained: store.retained()?,
         max_row: store.max_id()?,
+        queued: store.session_queue_lengths()?,
     };
     Ok((store, restored))
 }
@@ -160,6 +163,15 @@ pub fn hub_config(c: &Config) -> HubConfig {
         max_packet_size: c.limits.max_packet_size.0.min(u32::MAX as u64) as u32,
         topic_alias_maximum: c.limits.topic_alias_maximum,
         acl: None,
+        max_topic_levels: c.limits.max_topic_levels.get(),
+        max_sessions: c.limits.max_sessions.get(),
+        persistent_session_expiry: c
+            .limits
+            .persistent_session_expiry
+            .0
+            .as_secs()
+            .min(u32::MAX as u64 - 1) as u32,
+        max_subscriptions_per_session: c.limits.max_subscriptions_per_session.get(),
     }
 }
 

@@ -124,6 +124,10 @@ pub struct StoreSection {
     /// Messages older than this are expired.
     pub max_age: Duration,
     pub when_full: WhenFull,
+    /// The bridge outbox's share of `max_bytes` and `max_messages`; persistent session queues
+    /// get the rest. `drop_oldest` evicts within a share, so an abandoned local session can
+    /// never evict the cloud backlog.
+    pub outbox_share: f64,
 }
 
 impl Default for StoreSection {
@@ -135,6 +139,7 @@ impl Default for StoreSection {
             max_messages: 1_000_000,
             max_age: Duration(std::time::Duration::from_secs(30 * 86_400)),
             when_full: WhenFull::DropOldest,
+            outbox_share: 0.8,
         }
     }
 }
@@ -374,6 +379,18 @@ pub struct Limits {
     pub max_keepalive: Duration,
     /// Topic aliases a v5 client may use towards us.
     pub topic_alias_maximum: u16,
+    /// Levels a topic name or filter may have (mosquitto closes at 202); deeper ones are
+    /// refused as invalid.
+    pub max_topic_levels: NonZeroUsize,
+    /// Sessions held at once, online or not, MQTT-SN included; a CONNECT for a new session
+    /// beyond this is refused (v5 0x97, 3.1.1 "server unavailable", MQTT-SN congestion).
+    pub max_sessions: NonZeroUsize,
+    /// How long a session that never expires by itself (3.1.1 clean session 0, MQTT-SN clean
+    /// off, v5 expiry 0xFFFFFFFF) is kept offline; mosquitto's `persistent_client_expiration`.
+    /// "0s" keeps them for ever.
+    pub persistent_session_expiry: Duration,
+    /// Subscriptions one session may hold; more are refused in SUBACK (v5 0x97).
+    pub max_subscriptions_per_session: NonZeroUsize,
 }
 
 impl Default for Limits {
@@ -386,9 +403,16 @@ impl Default for Limits {
             connect_timeout: Duration(std::time::Duration::from_secs(10)),
             max_keepalive: Duration(std::time::Duration::ZERO),
             topic_alias_maximum: 10,
+            max_topic_levels: NonZeroUsize::new(200).unwrap_or(NonZeroUsize::MIN),
+            max_sessions: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
+            persistent_session_expiry: Duration(std::time::Duration::from_secs(30 * 86_400)),
+            max_subscriptions_per_session: NonZeroUsize::new(1000).unwrap_or(NonZeroUsize::MIN),
         }
     }
 }
+
+/// Deeper than this, walking a topic's levels could exhaust a thread's stack.
+pub const MAX_TOPIC_LEVELS_CEILING: usize = 1000;
 
 /// Largest packet the protocol can express: 1 + 4 length bytes + 268,435,455.
 const PROTOCOL_MAX_PACKET: u64 = 268_435_460;
@@ -461,6 +485,21 @@ impl Config {
         }
         if l.connect_timeout.0.is_zero() {
             return Err(at("connect_timeout", "must be more than 0s".into()));
+        }
+        if l.max_topic_levels.get() > MAX_TOPIC_LEVELS_CEILING {
+            return Err(at(
+                "max_topic_levels",
+                format!("must be at most {MAX_TOPIC_LEVELS_CEILING}"),
+            ));
+        }
+        if l.persistent_session_expiry.0.as_secs() >= u32::MAX as u64 {
+            return Err(at(
+                "persistent_session_expiry",
+                "must be under 136 years (u32 seconds); 0s keeps sessions for ever".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.store.outbox_share) || self.store.outbox_share.is_nan() {
+            return Err(at("outbox_share", "must be between 0.0 and 1.0".into()));
         }
         for (i, l) in self.listeners.iter().enumerate() {
             let kind = format!("\"{}\"", l.kind.name());

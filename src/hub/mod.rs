@@ -7,6 +7,7 @@
 //! connection), which is where the durable store's commit confirmation slots in.
 
 pub mod durable;
+mod levels;
 pub mod local;
 pub mod message;
 pub mod retained;
@@ -16,13 +17,13 @@ pub mod tree;
 #[cfg(test)]
 mod tests;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::auth::{Access, Acl};
 use crate::bridge::rules::OutRule;
+use crate::proto::mqtt::encode::encoded_len;
 use crate::proto::mqtt::server::CloseReason;
 use crate::proto::mqtt::SubOptions;
 use crate::proto::mqtt::{
@@ -55,6 +56,14 @@ pub struct HubConfig {
     /// `[auth] acl_file`: what each client may publish, subscribe to and receive. None lets
     /// everyone do everything, as mosquitto does without an ACL.
     pub acl: Option<Arc<Acl>>,
+    /// Levels a topic name or filter may have; deeper ones are invalid.
+    pub max_topic_levels: usize,
+    /// Sessions held at once; a CONNECT that would create one more is refused.
+    pub max_sessions: usize,
+    /// Seconds a persistent session outlives its connection at most; 0: no cap.
+    pub persistent_session_expiry: u32,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions_per_session: usize,
 }
 
 impl Default for HubConfig {
@@ -65,6 +74,10 @@ impl Default for HubConfig {
             max_packet_size: 1 << 20,
             topic_alias_maximum: 10,
             acl: None,
+            max_topic_levels: 200,
+            max_sessions: 10_000,
+            persistent_session_expiry: 30 * 86_400,
+            max_subscriptions_per_session: 1000,
         }
     }
 }
@@ -83,6 +96,13 @@ pub struct Stats {
     pub outboxed: u64,
     /// Publishes, subscriptions and deliveries the ACL refused.
     pub denied: u64,
+    /// CONNECTs refused because `max_sessions` sessions were held.
+    pub refused_sessions: u64,
+    /// Subscriptions refused by `max_subscriptions_per_session`.
+    pub refused_subscriptions: u64,
+    /// Publishes, wills and filters refused for a topic too deep, or too long once a mount
+    /// point or a bridge rule's prefix was added.
+    pub bad_topics: u64,
 }
 
 /// Where the hub's packets go. The runtime implements it with bounded channels.
@@ -149,6 +169,8 @@ pub struct Restored {
     pub retained: Vec<StoredRetained>,
     /// The highest message id ever allocated.
     pub max_row: i64,
+    /// Messages queued in the store per session (what `max_queued` counts).
+    pub queued: HashMap<String, usize>,
 }
 
 /// What routing one message did.
@@ -196,9 +218,10 @@ pub struct Hub {
     conns: HashMap<ConnId, Arc<str>>,
     subs: SubscriptionTree,
     retained: RetainedIndex,
-    /// Will delays and session expiries. Entries are checked against the session when they
-    /// fire, so a stale one costs nothing.
-    timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
+    /// Will delays and session expiries, each an entry a session's `expires_at` or
+    /// `pending_will` names; a session takes its entries out when it reconnects or ends, so
+    /// reconnecting clients leave nothing behind. Entries are still checked when they fire.
+    timers: BTreeSet<(Instant, Arc<str>)>,
     assigned_ids: u64,
     stats: Stats,
     matches: Vec<Match>,
@@ -232,7 +255,7 @@ impl Hub {
             conns: HashMap::new(),
             subs: SubscriptionTree::default(),
             retained: RetainedIndex::default(),
-            timers: BinaryHeap::new(),
+            timers: BTreeSet::new(),
             assigned_ids: 0,
             stats: Stats::default(),
             matches: Vec::new(),
@@ -282,6 +305,11 @@ impl Hub {
     /// the number of sessions and retained messages, never with the queued backlog.
     pub fn restore(&mut self, now: Instant, r: Restored) {
         let now_ms = self.persist.clock.unix_ms(now);
+        if self.persist.durable.is_some() {
+            // Expiry keeps its own schedule from the start, whether or not any client ever
+            // arms a timer; the first pass runs at once.
+            self.next_expire = Some(now);
+        }
         self.next_row = r.max_row + 1;
         for st in r.sessions {
             if st.expires_ms.is_some_and(|e| e <= now_ms) {
@@ -295,16 +323,21 @@ impl Hub {
                 _ => Version::V5,
             };
             let mut s = Session::new(id.clone(), version);
-            s.expiry = st.expiry;
+            s.expiry = self.capped_expiry(st.expiry);
             s.stored = true;
             s.tail = true;
+            s.tail_rows = r.queued.get(&st.client_id).copied().unwrap_or(0);
+            s.username = st.username.as_deref().map(Arc::from);
             // A session that was connected when we stopped starts its expiry now.
-            let expires_ms = st
-                .expires_ms
-                .or_else(|| (st.expiry != NEVER_EXPIRES).then(|| now_ms + st.expiry as i64 * 1000));
+            // An offline session's end as stored, brought within `persistent_session_expiry`.
+            let latest = (s.expiry != NEVER_EXPIRES).then(|| now_ms + s.expiry as i64 * 1000);
+            let expires_ms = match (st.expires_ms, latest) {
+                (Some(e), Some(l)) => Some(e.min(l)),
+                (e, l) => e.or(l),
+            };
             s.expires_at = expires_ms.map(|e| self.persist.clock.instant(e, now));
             if let Some(at) = s.expires_at {
-                self.timers.push(Reverse((at, id.clone())));
+                self.timers.insert((at, id.clone()));
             }
             if let Some(will) = st.will.as_deref().and_then(durable::decode_will) {
                 let due = match st.will_due_ms {
@@ -312,14 +345,14 @@ impl Hub {
                     Some(d) => Some(self.persist.clock.instant(d, now)),
                     // Its client was connected: our crash ended that connection abnormally.
                     None if st.expires_ms.is_none() => {
-                        let delay = will_delay(&will).min(st.expiry);
+                        let delay = will_delay(&will).min(s.expiry);
                         Some(now + Duration::from_secs(delay as u64))
                     }
                     None => None,
                 };
                 if let Some(due) = due {
                     s.pending_will = Some(PendingWill { will, due });
-                    self.timers.push(Reverse((due, id.clone())));
+                    self.timers.insert((due, id.clone()));
                 }
             }
             self.sessions.insert(id, s);
@@ -394,6 +427,14 @@ impl Hub {
         }
     }
 
+    /// A session expiry as the hub keeps it: `persistent_session_expiry` caps it (0: no cap).
+    fn capped_expiry(&self, asked: u32) -> u32 {
+        match self.cfg.persistent_session_expiry {
+            0 => asked,
+            cap => asked.min(cap),
+        }
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
@@ -445,6 +486,10 @@ impl Hub {
             HubInput::SetWill { conn, will } => self.on_set_will(conn, will),
             HubInput::Unconnected(mut p) => {
                 self.stats.received += 1;
+                if topic_problem(&self.cfg, &p.topic).is_err() {
+                    self.stats.bad_topics += 1;
+                    return;
+                }
                 // A sender without a session is anonymous, with no client id.
                 if !acl_permits(&self.cfg, false, "", None, &p.topic, Access::Write) {
                     self.stats.denied += 1;
@@ -484,6 +529,19 @@ impl Hub {
     fn on_uplink_publish(&mut self, now: Instant, p: Publish, out: &mut dyn Outlet) {
         self.stats.received += 1;
         let (qos, packet_id) = (p.qos, p.packet_id);
+        if let Err(why) = topic_problem(&self.cfg, &p.topic) {
+            // No local client could ever be sent it: acknowledged and dropped, so that the
+            // broker does not resend it for ever; counted and logged.
+            self.stats.bad_topics += 1;
+            tracing::warn!(
+                len = p.topic.len(),
+                "a message from the uplink maps to a local topic that {why}; dropped"
+            );
+            if qos != QoS::AtMostOnce {
+                out.uplink_ack(packet_id, qos, true);
+            }
+            return;
+        }
         let msg = Message::from_publish(p, Origin::Uplink, now);
         let mut routed = self.route(now, msg, out);
         if qos == QoS::AtMostOnce {
@@ -515,6 +573,14 @@ impl Hub {
         else {
             return;
         };
+        let will = match will {
+            Some(w) if topic_problem(&self.cfg, &w.topic).is_err() => {
+                self.stats.bad_topics += 1;
+                tracing::info!(client = %s.id, "new will topic is too long or too deep; the client has no will now");
+                None
+            }
+            w => w,
+        };
         s.will = will.filter(|w| {
             let ok = s.may(&self.cfg, &w.topic, Access::Write);
             if !ok {
@@ -539,9 +605,17 @@ impl Hub {
         ) {
             s.awaiting_acks = s.awaiting_acks.saturating_sub(1);
         }
+        let refused_insert = match &outcome {
+            Ok(results) => results.contains(&OpResult::Full),
+            Err(_) => true,
+        };
         for c in &p.tails {
             if let Some(s) = self.sessions.get_mut(c) {
                 s.uncommitted_tail = s.uncommitted_tail.saturating_sub(1);
+                if refused_insert {
+                    // Its row was never written.
+                    s.tail_rows = s.tail_rows.saturating_sub(1);
+                }
                 if s.conn.is_some() && !s.stalled {
                     s.pump(now, &self.cfg, &mut self.stats, out, &mut self.persist);
                 }
@@ -616,7 +690,7 @@ impl Hub {
 
     /// When `handle_timeout` must next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let timer = self.timers.peek().map(|Reverse((t, _))| *t);
+        let timer = self.timers.first().map(|(t, _)| *t);
         match (timer, self.next_expire) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -637,11 +711,11 @@ impl Hub {
                 _ => {}
             }
         }
-        while let Some(Reverse((t, _))) = self.timers.peek() {
+        while let Some((t, _)) = self.timers.first() {
             if *t > now {
                 break;
             }
-            let Some(Reverse((_, id))) = self.timers.pop() else {
+            let Some((_, id)) = self.timers.pop_first() else {
                 break;
             };
             let Some(s) = self.sessions.get_mut(&id) else {
@@ -678,10 +752,19 @@ impl Hub {
     pub fn shutdown(&mut self, now: Instant, out: &mut dyn Outlet) {
         let mut wills = Vec::new();
         for s in self.sessions.values_mut() {
+            if s.will.is_none() && s.pending_will.is_none() {
+                continue;
+            }
             let pending = s.pending_will.take().map(|p| p.will);
             for w in s.will.take().into_iter().chain(pending) {
                 let allowed = s.may(&self.cfg, &w.topic, Access::Write);
                 wills.push((s.id.clone(), w, allowed));
+            }
+            if s.stored && self.persist.durable.is_some() {
+                // Published now: the stored row must not carry it into the next run, which
+                // would publish it again.
+                let row = stored_row(&self.persist.clock, s);
+                self.persist.ops.push(Op::SessionPut(row));
             }
         }
         for (id, w, allowed) in wills {
@@ -750,20 +833,106 @@ impl Hub {
         };
 
         let exempt = local::is_local(conn);
+        let sn = is_sn(conn);
+        let code_for = |v5: u8, v3: u8| if v.is_v5() { v5 } else { v3 };
+        if c.username
+            .as_deref()
+            .is_some_and(|u| u.starts_with(SN_USER_PREFIX))
+            != sn
+        {
+            // `sn:` names MQTT-SN sensors in the ACL: a network login must not claim one, and
+            // a sensor has no other name.
+            self.stats.denied += 1;
+            tracing::warn!(client = %id, "user names starting with `sn:` are reserved for MQTT-SN clients; refusing");
+            return refuse(
+                out,
+                code_for(reason::NOT_AUTHORIZED, reason::V3_NOT_AUTHORIZED),
+            );
+        }
         if let Some(w) = &c.will {
+            if let Err(why) = topic_problem(&self.cfg, &w.topic) {
+                self.stats.bad_topics += 1;
+                tracing::info!(client = %id, "will topic {why}; refusing");
+                return refuse(
+                    out,
+                    code_for(reason::TOPIC_NAME_INVALID, reason::V3_NOT_AUTHORIZED),
+                );
+            }
             // As mosquitto: a will the client could not publish refuses the connection, rather
             // than failing silently when it is needed.
             let user = c.username.as_deref();
             if !acl_permits(&self.cfg, exempt, &id, user, &w.topic, Access::Write) {
                 self.stats.denied += 1;
                 tracing::info!(client = %id, topic = %w.topic, "will topic denied by the ACL; refusing");
-                let code = if v.is_v5() {
-                    reason::NOT_AUTHORIZED
-                } else {
-                    reason::V3_NOT_AUTHORIZED
-                };
-                return refuse(out, code);
+                return refuse(
+                    out,
+                    code_for(reason::NOT_AUTHORIZED, reason::V3_NOT_AUTHORIZED),
+                );
             }
+        }
+        match self.sessions.get(&id) {
+            Some(old)
+                if sn
+                    && old
+                        .username
+                        .as_deref()
+                        .is_some_and(|u| !u.starts_with(SN_USER_PREFIX)) =>
+            {
+                // A sensor's client id is no credential: it must not reach, let alone end, a
+                // session that a logged-in user made.
+                self.stats.denied += 1;
+                tracing::warn!(client = %id, owner = old.username.as_deref().unwrap_or(""),
+                    "MQTT-SN CONNECT for a session that belongs to a user; refusing");
+                return refuse(out, reason::NOT_AUTHORIZED);
+            }
+            None if !exempt && self.sessions.len() >= self.cfg.max_sessions => {
+                self.stats.refused_sessions += 1;
+                if self.stats.refused_sessions.is_power_of_two() {
+                    tracing::warn!(client = %id, max = self.cfg.max_sessions,
+                        total = self.stats.refused_sessions, "max_sessions reached; refusing new sessions");
+                }
+                return refuse(
+                    out,
+                    code_for(reason::QUOTA_EXCEEDED, reason::V3_SERVER_UNAVAILABLE),
+                );
+            }
+            _ => {}
+        }
+
+        let asked = if v.is_v5() {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            NEVER_EXPIRES
+        };
+        let expiry = self.capped_expiry(asked);
+        let mut props = Props::default();
+        if v.is_v5() {
+            props.receive_maximum = Some(self.cfg.max_inflight);
+            props.maximum_packet_size = Some(self.cfg.max_packet_size);
+            props.topic_alias_maximum = Some(self.cfg.topic_alias_maximum);
+            props.assigned_client_identifier = assigned;
+            if keep_alive != c.keep_alive {
+                props.server_keep_alive = Some(keep_alive);
+            }
+            if expiry != asked {
+                // [MQTT-3.2.2.3.2] the server tells the client the expiry it uses instead.
+                props.session_expiry_interval = Some(expiry);
+            }
+        }
+        let probe = Packet::ConnAck(ConnAck {
+            session_present: true,
+            code: reason::SUCCESS,
+            properties: props.clone(),
+        });
+        let client_max = c.properties.maximum_packet_size.unwrap_or(u32::MAX);
+        if encoded_len(&probe, v) > client_max as usize {
+            // [MQTT-3.1.2-24] nothing larger than the client allows may be sent, and every
+            // property we announce changes what the client may do: close without a CONNACK.
+            tracing::info!(client = %id, max = client_max, "the client's Maximum Packet Size leaves no room for a CONNACK; closing");
+            out.close(conn, None);
+            return;
         }
 
         let mut present = false;
@@ -781,20 +950,15 @@ impl Hub {
         } else if let Some(old) = self.sessions.get_mut(&id) {
             present = true;
             // A new connection before the will delay ran out: that will is never sent.
+            unschedule(&mut self.timers, old);
             old.pending_will = None;
         }
 
-        let expiry = if v.is_v5() {
-            c.properties.session_expiry_interval.unwrap_or(0)
-        } else if c.clean_start {
-            0
-        } else {
-            NEVER_EXPIRES
-        };
         let s = self
             .sessions
             .entry(id.clone())
             .or_insert_with(|| Session::new(id.clone(), v));
+        unschedule(&mut self.timers, s);
         s.conn = Some(conn);
         s.version = v;
         s.username = c.username.as_deref().map(Arc::from);
@@ -803,7 +967,7 @@ impl Hub {
         s.expires_at = None;
         s.will = c.will.clone();
         s.receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
-        s.max_packet = c.properties.maximum_packet_size.unwrap_or(u32::MAX);
+        s.max_packet = client_max;
         s.stalled = false;
         if self.persist.durable.is_some() && (s.persistent() || s.stored) {
             s.stored = true;
@@ -812,16 +976,6 @@ impl Hub {
         }
         self.conns.insert(conn, id.clone());
 
-        let mut props = Props::default();
-        if v.is_v5() {
-            props.receive_maximum = Some(self.cfg.max_inflight);
-            props.maximum_packet_size = Some(self.cfg.max_packet_size);
-            props.topic_alias_maximum = Some(self.cfg.topic_alias_maximum);
-            props.assigned_client_identifier = assigned;
-            if keep_alive != c.keep_alive {
-                props.server_keep_alive = Some(keep_alive);
-            }
-        }
         let ack = ConnAck {
             // 3.1 has no session-present flag.
             session_present: present && v != Version::V31,
@@ -1028,6 +1182,11 @@ impl Hub {
                 out,
             );
         }
+        if let Err(why) = topic_problem(&self.cfg, &p.topic) {
+            self.stats.bad_topics += 1;
+            let why = format!("publish topic {why}");
+            return self.violation(conn, id, reason::TOPIC_NAME_INVALID, &why, out);
+        }
         let (qos, pid) = (p.qos, p.packet_id);
         let mut code = reason::SUCCESS;
         let mut routed = Routed::default();
@@ -1166,6 +1325,11 @@ impl Hub {
                 continue;
             };
             if durable && s.stored && s.persistent() && item.qos != QoS::AtMostOnce {
+                if !s.has_room(&self.cfg) {
+                    // One neglected session must not fill the store: its newest goes.
+                    s.drop_newest(&mut self.stats);
+                    continue;
+                }
                 let id = self.next_row;
                 self.next_row += 1;
                 let row = durable::session_row(
@@ -1208,6 +1372,16 @@ impl Hub {
         else {
             return;
         };
+        if topic.len() > u16::MAX as usize {
+            // The rule's prefix pushed it past what MQTT can carry: it could only go up
+            // mangled, as a poison row in the outbox.
+            self.stats.bad_topics += 1;
+            if self.stats.bad_topics.is_power_of_two() {
+                tracing::warn!(filter = %rule.filter, len = topic.len(), total = self.stats.bad_topics,
+                    "upstream topic longer than 65535 bytes; not sent up");
+            }
+            return;
+        }
         routed.reached += 1;
         let retain = msg.retain && rule.retain;
         let durable = self.persist.durable.is_some();
@@ -1262,11 +1436,30 @@ impl Hub {
         let mut ops = Vec::new();
         let mut tails = Vec::new();
         for (raw, options) in &sub.filters {
-            let Ok(parsed) = topic::parse_subscription(raw) else {
-                // The decoder already refused invalid filters; this is only a guard.
-                codes.push(reason::TOPIC_FILTER_INVALID);
-                continue;
+            let v5 = s.version.is_v5();
+            let refusal = |v5_code: u8| {
+                if v5 {
+                    v5_code
+                } else {
+                    reason::UNSPECIFIED_ERROR
+                }
             };
+            let parsed = match topic::parse_subscription(raw) {
+                Ok(p) if topic_problem(&self.cfg, p.filter).is_ok() => p,
+                // The decoder already refused malformed filters; the hub refuses deep ones.
+                _ => {
+                    self.stats.bad_topics += 1;
+                    codes.push(refusal(reason::TOPIC_FILTER_INVALID));
+                    continue;
+                }
+            };
+            if !s.subs.contains_key(raw) && s.subs.len() >= self.cfg.max_subscriptions_per_session {
+                self.stats.refused_subscriptions += 1;
+                tracing::info!(client = %id, filter = %raw, max = self.cfg.max_subscriptions_per_session,
+                    "max_subscriptions_per_session reached; subscription refused");
+                codes.push(refusal(reason::QUOTA_EXCEEDED));
+                continue;
+            }
             if !s.may(&self.cfg, parsed.filter, Access::Subscribe) {
                 self.stats.denied += 1;
                 tracing::debug!(client = %id, filter = %raw, "subscription denied by the ACL");
@@ -1315,7 +1508,15 @@ impl Hub {
                         sub_ids: sub_id.into_iter().collect(),
                         row: None,
                     };
-                    if durable && s.persistent() && item.qos != QoS::AtMostOnce {
+                    if item.qos == QoS::AtMostOnce {
+                        s.enqueue_retained(item);
+                        continue;
+                    }
+                    if durable && s.persistent() {
+                        if !s.has_room(&self.cfg) {
+                            s.drop_newest(&mut self.stats);
+                            continue;
+                        }
                         // Stored like any delivery, in the same batch as the subscription.
                         let row = self.next_row;
                         self.next_row += 1;
@@ -1418,7 +1619,10 @@ impl Hub {
             ..
         } = why
         {
-            s.expiry = e;
+            s.expiry = match self.cfg.persistent_session_expiry {
+                0 => e,
+                cap => e.min(cap),
+            };
         }
         let will = s.will.take();
         let expiry = s.expiry;
@@ -1430,7 +1634,7 @@ impl Hub {
             } else if let Some(s) = self.sessions.get_mut(&id) {
                 let due = now + Duration::from_secs(delay as u64);
                 s.pending_will = Some(PendingWill { will: w, due });
-                self.timers.push(Reverse((due, id.clone())));
+                self.timers.insert((due, id.clone()));
             }
         }
         if expiry == 0 {
@@ -1439,7 +1643,7 @@ impl Hub {
         }
         let at = (expiry != NEVER_EXPIRES).then(|| now + Duration::from_secs(expiry as u64));
         if let Some(at) = at {
-            self.timers.push(Reverse((at, id.clone())));
+            self.timers.insert((at, id.clone()));
         }
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
@@ -1459,6 +1663,7 @@ impl Hub {
         let Some(s) = self.sessions.remove(id) else {
             return;
         };
+        unschedule(&mut self.timers, &s);
         if s.stored {
             self.persist.ops.push(Op::SessionDelete(id.to_string()));
         }
@@ -1512,6 +1717,37 @@ impl Hub {
     }
 }
 
+/// Why `topic` (a name or a filter, as the hub will route it: mount point and all) cannot be
+/// used, if it cannot. Every trie walk is as deep as a topic, so depth is bounded here.
+fn topic_problem(cfg: &HubConfig, topic: &str) -> Result<(), &'static str> {
+    if topic.len() > u16::MAX as usize {
+        return Err("is longer than 65535 bytes");
+    }
+    if topic.split('/').nth(cfg.max_topic_levels).is_some() {
+        return Err("has more levels than max_topic_levels");
+    }
+    Ok(())
+}
+
+/// User names in this namespace are MQTT-SN sensors (`sn:<client id>`): only MQTT-SN
+/// connections carry them, so an ACL's `user sn:...` section is a sensor and nothing else.
+pub const SN_USER_PREFIX: &str = "sn:";
+
+/// An MQTT-SN client's connection (the gateway numbers them from `SN_CONN_BASE`).
+fn is_sn(conn: ConnId) -> bool {
+    conn >= crate::proto::mqttsn::gateway::SN_CONN_BASE
+}
+
+/// Takes a session's will-delay and expiry entries out of the timers.
+fn unschedule(timers: &mut BTreeSet<(Instant, Arc<str>)>, s: &Session) {
+    if let Some(at) = s.expires_at {
+        timers.remove(&(at, s.id.clone()));
+    }
+    if let Some(w) = &s.pending_will {
+        timers.remove(&(w.due, s.id.clone()));
+    }
+}
+
 /// `$SYS/` topics describe this run: kept retained in memory, never written to the store, so a
 /// status refresh every few seconds costs the SD card nothing and a restart shows no stale one.
 fn is_volatile(topic: &str) -> bool {
@@ -1528,9 +1764,17 @@ fn acl_permits(
     topic: &str,
     access: Access,
 ) -> bool {
+    if exempt {
+        return true;
+    }
+    if access == Access::Write && topic.starts_with('$') {
+        // `$SYS/` and its kin are the server's: a device that could write them could fake
+        // the uplink's state for everyone who reads it.
+        return false;
+    }
     match &cfg.acl {
-        Some(acl) if !exempt => acl.check(client_id, username, topic, access),
-        _ => true,
+        Some(acl) => acl.check(client_id, username, topic, access),
+        None => true,
     }
 }
 
@@ -1546,6 +1790,7 @@ fn stored_row(clock: &Clock, s: &Session) -> StoredSession {
     };
     StoredSession {
         client_id: s.id.to_string(),
+        username: s.username.as_deref().map(str::to_owned),
         version: s.version.level(),
         expiry: s.expiry,
         expires_ms: s.expires_at.map(|a| clock.unix_ms(a)),

@@ -4,12 +4,25 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::levels::{drop_iteratively, prune, Level};
 use super::message::Message;
 
 #[derive(Debug, Default)]
 struct Node {
     children: HashMap<String, Node>,
     msg: Option<Arc<Message>>,
+}
+
+impl Level for Node {
+    fn children(&mut self) -> &mut HashMap<String, Self> {
+        &mut self.children
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        drop_iteratively(&mut self.children);
+    }
 }
 
 /// Retained messages by topic.
@@ -44,8 +57,16 @@ impl RetainedIndex {
     /// Deletes the retained message of `topic` (a retained PUBLISH with an empty payload).
     pub fn remove(&mut self, topic: &str) {
         let levels: Vec<&str> = topic.split('/').collect();
-        if remove_at(&mut self.root, &levels) {
+        let mut node = &mut self.root;
+        for level in &levels {
+            let Some(child) = node.children.get_mut(*level) else {
+                return;
+            };
+            node = child;
+        }
+        if node.msg.take().is_some() {
             self.count -= 1;
+            prune(&mut self.root, &levels, |n| n.msg.is_none());
         }
     }
 
@@ -53,22 +74,6 @@ impl RetainedIndex {
     pub fn matching(&self, filter: &str, out: &mut Vec<Arc<Message>>) {
         let levels: Vec<&str> = filter.split('/').collect();
         walk(&self.root, &levels, 0, out);
-    }
-}
-
-fn remove_at(node: &mut Node, levels: &[&str]) -> bool {
-    match levels.split_first() {
-        None => node.msg.take().is_some(),
-        Some((first, rest)) => {
-            let Some(child) = node.children.get_mut(*first) else {
-                return false;
-            };
-            let removed = remove_at(child, rest);
-            if child.msg.is_none() && child.children.is_empty() {
-                node.children.remove(*first);
-            }
-            removed
-        }
     }
 }
 
@@ -159,5 +164,26 @@ mod tests {
         let mut out = Vec::new();
         idx.matching("a/b/c", &mut out);
         assert_eq!(out.len(), 1, "removing a/b keeps a/b/c");
+    }
+
+    #[test]
+    fn deep_topics_are_removed_and_dropped_without_recursion() {
+        let run = || {
+            let deep = format!("{}x", "/".repeat(50_000));
+            let mut r = RetainedIndex::default();
+            r.set(msg(&deep));
+            r.set(msg("/y"));
+            r.remove(&deep);
+            assert_eq!(r.len(), 1);
+            assert_eq!(r.root.children[""].children.len(), 1, "only /y is left");
+            r.set(msg(&deep));
+            drop(r);
+        };
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(run)
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

@@ -118,6 +118,8 @@ pub struct Session {
     pub last_row: i64,
     /// Tail rows submitted and not yet committed: a short read does not prove the tail empty.
     pub uncommitted_tail: usize,
+    /// Rows of the tail, committed or not: with `queue` what `max_queued` bounds.
+    pub tail_rows: usize,
     /// This client's QoS 1 publishes whose PUBACK waits for a commit. With `inbound_qos2`
     /// (QoS 2 from routing to PUBCOMP) it is what counts against our Receive Maximum.
     pub awaiting_acks: usize,
@@ -156,6 +158,7 @@ impl Session {
             tail: false,
             last_row: 0,
             uncommitted_tail: 0,
+            tail_rows: 0,
             awaiting_acks: 0,
             username: None,
             acl_exempt: false,
@@ -179,12 +182,27 @@ impl Session {
         self.expiry > 0
     }
 
+    /// Whether one more message may be queued: `max_queued` bounds what waits beyond the
+    /// inflight window, in RAM and in the store's tail together, for every session.
+    pub fn has_room(&self, cfg: &HubConfig) -> bool {
+        self.queue.len() + self.tail_rows < cfg.max_queued
+    }
+
+    /// Counts a message dropped because the session's queue is full (the newest goes, as
+    /// with mosquitto's `max_queued_messages`).
+    pub fn drop_newest(&self, stats: &mut Stats) {
+        stats.dropped_queue_full += 1;
+        if stats.dropped_queue_full.is_power_of_two() {
+            tracing::warn!(client = %self.id, total = stats.dropped_queue_full,
+                "session queue full, dropping newest message");
+        }
+    }
+
     /// Adds a message for this session. Offline sessions keep QoS 1/2 only, as MQTT asks.
     ///
-    /// Policy when the RAM queue is full: a persistent session's message already has its store
-    /// row, so it joins the tail (order kept: once there is a tail, everything new goes there).
-    /// A non-persistent session drops the newest and counts it, like mosquitto's
-    /// `max_queued_messages`.
+    /// The caller checked `has_room` before giving a message a store row. A stored message
+    /// joins the tail while there is one (order kept: once there is a tail, everything new goes
+    /// there). Anything else past `max_queued` is dropped, newest first, and counted.
     pub fn enqueue(&mut self, item: Queued, cfg: &HubConfig, stats: &mut Stats) -> Enqueued {
         if self.conn.is_none() && item.qos == QoS::AtMostOnce {
             return Enqueued::Dropped;
@@ -192,20 +210,26 @@ impl Session {
         if let Some(row) = item.row {
             if self.tail || self.queue.len() >= cfg.max_queued {
                 self.tail = true;
+                self.tail_rows += 1;
                 self.uncommitted_tail += 1;
                 return Enqueued::Tail;
             }
             self.last_row = self.last_row.max(row);
-        } else if self.tail || self.queue.len() >= cfg.max_queued {
-            stats.dropped_queue_full += 1;
-            if stats.dropped_queue_full.is_power_of_two() {
-                tracing::warn!(client = %self.id, total = stats.dropped_queue_full,
-                    "session queue full, dropping newest message");
-            }
+        } else if self.tail || !self.has_room(cfg) {
+            self.drop_newest(stats);
             return Enqueued::Dropped;
         }
         self.queue.push_back(item);
         Enqueued::Ram
+    }
+
+    /// A retained QoS 0 message sent on SUBSCRIBE: it is in RAM already (the retained
+    /// index), so it joins the queue whatever `max_queued` says, as mosquitto sends them all;
+    /// the connection's own back-pressure paces it.
+    pub fn enqueue_retained(&mut self, item: Queued) {
+        if self.conn.is_some() {
+            self.queue.push_back(item);
+        }
     }
 
     /// Queues an ack or other control packet. Returns false when the client has stopped
@@ -272,6 +296,7 @@ impl Session {
         let want = cfg.max_queued - self.queue.len();
         let rows = d.read_queue(&self.id, self.last_row, want);
         let short = rows.len() < want;
+        self.tail_rows = self.tail_rows.saturating_sub(rows.len());
         for row in rows {
             self.last_row = self.last_row.max(row.id);
             let Some((msg, qos, sub_ids)) = from_row(&row, &p.clock, now) else {
@@ -312,6 +337,7 @@ impl Session {
         }
         if short && self.uncommitted_tail == 0 {
             self.tail = false;
+            self.tail_rows = 0;
         }
     }
 

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::levels::prune;
 use crate::proto::mqtt::SubOptions;
 
 /// One subscription as the tree stores it.
@@ -29,8 +30,21 @@ struct Node {
 }
 
 impl Node {
+    #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.subs.is_empty() && self.shared.is_empty()
+    }
+}
+
+impl super::levels::Level for Node {
+    fn children(&mut self) -> &mut HashMap<String, Self> {
+        &mut self.children
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        super::levels::drop_iteratively(&mut self.children);
     }
 }
 
@@ -96,28 +110,19 @@ impl SubscriptionTree {
     }
 
     /// Removes a subscription. Returns true when it existed. Empty branches are pruned.
+    ///
+    /// Iterative, like the tree's drop: a client chooses the depth of its filter, and a
+    /// recursion as deep as a 7,000-level filter overflows the stack.
     pub fn remove(&mut self, group: Option<&str>, filter: &str, client: &str) -> bool {
         let levels: Vec<&str> = filter.split('/').collect();
-        let removed = remove_at(&mut self.root, &levels, group, client);
-        if removed {
-            self.count -= 1;
+        let mut node = &mut self.root;
+        for level in &levels {
+            let Some(child) = node.children.get_mut(*level) else {
+                return false;
+            };
+            node = child;
         }
-        removed
-    }
-
-    /// Every subscriber whose filter matches `topic`. For each shared group one member is
-    /// chosen round-robin, preferring members for which `online` is true.
-    pub fn matches(&mut self, topic: &str, online: impl Fn(&str) -> bool, out: &mut Vec<Match>) {
-        let levels: Vec<&str> = topic.split('/').collect();
-        // [MQTT-4.7.2-1] wildcards at the first level do not match $-topics.
-        let dollar = topic.starts_with('$');
-        walk(&mut self.root, &levels, 0, dollar, &online, out);
-    }
-}
-
-fn remove_at(node: &mut Node, levels: &[&str], group: Option<&str>, client: &str) -> bool {
-    match levels.split_first() {
-        None => match group {
+        let removed = match group {
             None => node.subs.remove(client).is_some(),
             Some(g) => {
                 let Some(grp) = node.shared.get_mut(g) else {
@@ -131,17 +136,23 @@ fn remove_at(node: &mut Node, levels: &[&str], group: Option<&str>, client: &str
                 }
                 removed
             }
-        },
-        Some((first, rest)) => {
-            let Some(child) = node.children.get_mut(*first) else {
-                return false;
-            };
-            let removed = remove_at(child, rest, group, client);
-            if child.is_empty() {
-                node.children.remove(*first);
-            }
-            removed
+        };
+        if removed {
+            self.count -= 1;
+            prune(&mut self.root, &levels, |n| {
+                n.subs.is_empty() && n.shared.is_empty()
+            });
         }
+        removed
+    }
+
+    /// Every subscriber whose filter matches `topic`. For each shared group one member is
+    /// chosen round-robin, preferring members for which `online` is true.
+    pub fn matches(&mut self, topic: &str, online: impl Fn(&str) -> bool, out: &mut Vec<Match>) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        // [MQTT-4.7.2-1] wildcards at the first level do not match $-topics.
+        let dollar = topic.starts_with('$');
+        walk(&mut self.root, &levels, 0, dollar, &online, out);
     }
 }
 
@@ -269,5 +280,47 @@ mod tests {
         assert!(t.remove(Some("g"), "x/+", "b"));
         assert!(t.is_empty());
         assert!(t.root.is_empty(), "empty branches are pruned");
+    }
+
+    /// A client picks its filter's depth: removing (and dropping) a deep branch must not
+    /// recurse once per level. Run on a small stack, where a recursion of this depth overflows.
+    #[test]
+    fn deep_filters_are_removed_and_dropped_without_recursion() {
+        let run = || {
+            let deep = format!("{}#", "/".repeat(50_000));
+            let c: Arc<str> = Arc::from("c");
+            let mut t = SubscriptionTree::default();
+            assert!(t.insert(None, &deep, &c, sub()));
+            assert!(t.insert(None, "/x", &c, sub()));
+            assert!(t.remove(None, &deep, "c"));
+            assert_eq!(t.len(), 1);
+            assert_eq!(t.root.children[""].children.len(), 1, "only /x is left");
+            assert!(t.insert(None, &deep, &c, sub()));
+            drop(t);
+        };
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(run)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn pruning_keeps_branches_that_still_hold_something() {
+        let c: Arc<str> = Arc::from("c");
+        let mut t = SubscriptionTree::default();
+        t.insert(None, "a/b/c/d", &c, sub());
+        t.insert(None, "a/b", &c, sub());
+        t.insert(Some("g"), "a/b/c", &c, sub());
+        assert!(t.remove(None, "a/b/c/d", "c"));
+        let mut out = Vec::new();
+        t.matches("a/b/c", |_| true, &mut out);
+        assert_eq!(out.len(), 1, "the shared group at a/b/c survives");
+        assert!(t.remove(Some("g"), "a/b/c", "c"));
+        assert!(t.root.children["a"].children["b"].children.is_empty());
+        assert!(t.remove(None, "a/b", "c"));
+        assert!(t.root.is_empty());
+        assert!(!t.remove(None, "a/b", "c"));
     }
 }

@@ -16,6 +16,7 @@ mod writer;
 #[cfg(test)]
 mod model_tests;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -91,6 +92,26 @@ pub struct StoreConfig {
     /// Messages older than this are expired.
     pub max_age: Duration,
     pub when_full: WhenFull,
+    /// The outbox's share of `max_messages` and `max_bytes`; session queues have the rest.
+    /// Each class is full on its own and `drop_oldest` evicts within it.
+    pub outbox_share: f64,
+}
+
+impl StoreConfig {
+    /// (messages, bytes) that the outbox (kind 0) or the session queues (kind 1) may hold.
+    pub(crate) fn class_limits(&self, kind: i64) -> (u64, u64) {
+        let share = self.outbox_share.clamp(0.0, 1.0);
+        let part = |max: u64| ((max as f64) * share).round() as u64;
+        let (m, b) = (part(self.max_messages), part(self.max_bytes));
+        if kind == 0 {
+            (m, b)
+        } else {
+            (
+                self.max_messages - m.min(self.max_messages),
+                self.max_bytes - b.min(self.max_bytes),
+            )
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -103,6 +124,7 @@ impl Default for StoreConfig {
             max_messages: 1_000_000,
             max_age: Duration::from_secs(30 * 86_400),
             when_full: WhenFull::DropOldest,
+            outbox_share: 0.8,
         }
     }
 }
@@ -117,7 +139,7 @@ pub enum Dest {
 }
 
 impl Dest {
-    fn kind(&self) -> i64 {
+    pub(crate) fn kind(&self) -> i64 {
         match self {
             Dest::Outbox(_) => 0,
             Dest::Session(_) => 1,
@@ -167,6 +189,8 @@ pub struct StoredMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredSession {
     pub client_id: String,
+    /// The user name of the connection that last held the session.
+    pub username: Option<String>,
     pub version: u8,
     pub expiry: u32,
     pub expires_ms: Option<i64>,
@@ -254,6 +278,9 @@ pub type Completion = Box<dyn FnOnce(Outcome) + Send>;
 pub struct Totals {
     pub messages: u64,
     pub bytes: u64,
+    /// The outbox's part of `messages` and `bytes` (the rest are session queues).
+    pub outbox_messages: u64,
+    pub outbox_bytes: u64,
     /// Messages deleted by `drop_oldest` since start.
     pub evicted: u64,
     /// Messages deleted by expiry since start.
@@ -265,6 +292,31 @@ pub struct Totals {
     /// How long the last commit took (the fsync included), and a moving average (1/16).
     pub commit_us_last: u64,
     pub commit_us_avg: u64,
+}
+
+impl Totals {
+    /// (messages, bytes) held by class `kind` (0 outbox, 1 session queues).
+    pub(crate) fn class(&self, kind: i64) -> (u64, u64) {
+        if kind == 0 {
+            (self.outbox_messages, self.outbox_bytes)
+        } else {
+            (
+                self.messages - self.outbox_messages,
+                self.bytes - self.outbox_bytes,
+            )
+        }
+    }
+
+    /// Counts `n` messages of `b` bytes into (positive) or out of (negative) class `kind`.
+    pub(crate) fn add(&mut self, kind: i64, n: i64, b: i64) {
+        let f = |v: &mut u64, d: i64| *v = v.saturating_add_signed(d);
+        f(&mut self.messages, n);
+        f(&mut self.bytes, b);
+        if kind == 0 {
+            f(&mut self.outbox_messages, n);
+            f(&mut self.outbox_bytes, b);
+        }
+    }
 }
 
 /// What waits in the outbox for the cloud.
@@ -319,16 +371,17 @@ impl Store {
         };
         w.pragma_update(None, "synchronous", sync)?;
         schema::migrate(&mut w)?;
-        let (messages, bytes): (i64, i64) = w.query_row(
-            "SELECT count(*), coalesce(sum(bytes), 0) FROM messages",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let totals = Arc::new(Mutex::new(Totals {
-            messages: messages as u64,
-            bytes: bytes as u64,
-            ..Totals::default()
-        }));
+        let mut start = Totals::default();
+        {
+            let mut st = w.prepare(
+                "SELECT kind, count(*), coalesce(sum(bytes), 0) FROM messages GROUP BY kind",
+            )?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                start.add(r.get(0)?, r.get(1)?, r.get(2)?);
+            }
+        }
+        let totals = Arc::new(Mutex::new(start));
         let reader = open_conn(
             &path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -463,7 +516,8 @@ impl Store {
     pub fn sessions(&self) -> Result<Vec<StoredSession>, StoreError> {
         self.read(|c| {
             let mut st = c.prepare(
-                "SELECT client_id, version, expiry, expires_ms, will, will_due_ms FROM sessions",
+                "SELECT client_id, version, expiry, expires_ms, will, will_due_ms, username
+                 FROM sessions",
             )?;
             let rows = st.query_map([], |r| {
                 Ok(StoredSession {
@@ -473,6 +527,7 @@ impl Store {
                     expires_ms: r.get(3)?,
                     will: r.get::<_, Option<Vec<u8>>>(4)?.map(Bytes::from),
                     will_due_ms: r.get(5)?,
+                    username: r.get(6)?,
                 })
             })?;
             rows.collect()
@@ -521,6 +576,16 @@ impl Store {
                     expires_ms: r.get(5)?,
                 })
             })?;
+            rows.collect()
+        })
+    }
+
+    /// How many messages each persistent session has queued (one pass over the index).
+    pub fn session_queue_lengths(&self) -> Result<HashMap<String, usize>, StoreError> {
+        self.read(|c| {
+            let mut st =
+                c.prepare("SELECT dest, count(*) FROM messages WHERE kind = 1 GROUP BY dest")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))?;
             rows.collect()
         })
     }

@@ -74,18 +74,25 @@ impl Model {
     fn bytes(&self) -> u64 {
         self.rows.values().map(|r| r.msg.bytes()).sum()
     }
-    fn fits(&self, need: u64) -> bool {
-        (self.rows.len() as u64) < self.cfg.max_messages
-            && self.bytes() + need <= self.cfg.max_bytes
+    fn class(&self, kind: i64) -> impl Iterator<Item = (&i64, &Row)> {
+        self.rows
+            .iter()
+            .filter(move |(_, r)| r.msg.dest.kind() == kind)
+    }
+    fn fits(&self, kind: i64, need: u64) -> bool {
+        let (max_m, max_b) = self.cfg.class_limits(kind);
+        let bytes: u64 = self.class(kind).map(|(_, r)| r.msg.bytes()).sum();
+        (self.class(kind).count() as u64) < max_m && bytes + need <= max_b
     }
     fn insert(&mut self, m: NewMessage) -> OpResult {
         let need = m.bytes();
-        if !self.fits(need) {
-            if self.cfg.when_full == WhenFull::Block || need > self.cfg.max_bytes {
+        let kind = m.dest.kind();
+        if !self.fits(kind, need) {
+            if self.cfg.when_full == WhenFull::Block || need > self.cfg.class_limits(kind).1 {
                 return OpResult::Full;
             }
-            while !self.fits(need) {
-                let Some((&oldest, _)) = self.rows.iter().find(|(_, r)| !r.pinned()) else {
+            while !self.fits(kind, need) {
+                let Some((&oldest, _)) = self.class(kind).find(|(_, r)| !r.pinned()) else {
                     break;
                 };
                 self.rows.remove(&oldest);
@@ -118,6 +125,7 @@ fn run(steps: Vec<Step>, when_full: WhenFull) -> Result<(), TestCaseError> {
         max_messages: 12,
         max_age: Duration::from_millis(100),
         when_full,
+        outbox_share: 0.5,
     };
     let open =
         || Store::open(dir.path(), cfg.clone()).map_err(|e| TestCaseError::fail(e.to_string()));
@@ -308,6 +316,7 @@ fn sessions_subscriptions_retained_survive_reopen() {
     store
         .submit_wait(vec![
             Op::SessionPut(StoredSession {
+                username: None,
                 client_id: "c".into(),
                 version: 5,
                 expiry: 60,

@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// The schema this binary writes.
-pub const VERSION: i64 = 2;
+pub const VERSION: i64 = 3;
 
 /// Each entry moves the schema from version `index` to `index + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -74,6 +74,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 1 -> 2: when a will that is waiting out its delay (or whose connection a crash ended)
     // is due, so a restart neither loses nor repeats it.
     "ALTER TABLE sessions ADD COLUMN will_due_ms INTEGER;",
+    // 2 -> 3: `drop_oldest` evicts the oldest of one class (outbox or session queues), in id
+    // order, without walking the other class's rows.
+    // The user name that owns a session, so that after a restart an MQTT-SN client id still
+    // cannot take over a session a logged-in user made.
+    "CREATE INDEX messages_by_kind ON messages (kind, id);
+     ALTER TABLE sessions ADD COLUMN username TEXT;",
 ];
 
 /// Brings the schema up to `VERSION`.

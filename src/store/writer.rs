@@ -124,11 +124,14 @@ fn apply(
     Ok(match op {
         Op::Insert { id, msg: m } => {
             let b = m.bytes();
-            if t.messages + 1 > cfg.max_messages || t.bytes + b > cfg.max_bytes {
-                if cfg.when_full == WhenFull::Block || b > cfg.max_bytes {
+            let kind = m.dest.kind();
+            let (max_m, max_b) = cfg.class_limits(kind);
+            if !fits(t, kind, (max_m, max_b), b) {
+                if cfg.when_full == WhenFull::Block || b > max_b {
                     return Ok(OpResult::Full);
                 }
-                evict_until_fits(tx, cfg, t, b)?;
+                // Pinned rows are never evicted; a class of only those goes over by them.
+                evict_until_fits(tx, kind, (max_m, max_b), t, b)?;
             }
             tx.prepare_cached(
                 "INSERT INTO messages (id, kind, dest, topic, payload, qos, retain, props, sub_ids,
@@ -149,18 +152,16 @@ fn apply(
                 b as i64,
                 id
             ])?;
-            t.messages += 1;
-            t.bytes += b;
+            t.add(kind, 1, b as i64);
             OpResult::Inserted(tx.last_insert_rowid())
         }
         Op::Delete(id) => {
-            let gone: Option<i64> = tx
-                .prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING bytes")?
-                .query_row([id], |r| r.get(0))
+            let gone: Option<(i64, i64)> = tx
+                .prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING kind, bytes")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            if let Some(b) = gone {
-                t.messages -= 1;
-                t.bytes -= b as u64;
+            if let Some((kind, b)) = gone {
+                t.add(kind, -1, -b);
             }
             OpResult::Done
         }
@@ -189,8 +190,8 @@ fn apply(
         Op::SessionPut(s) => {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO sessions
-                     (client_id, version, expiry, expires_ms, will, will_due_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                     (client_id, version, expiry, expires_ms, will, will_due_ms, username)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 s.client_id,
@@ -198,7 +199,8 @@ fn apply(
                 s.expiry,
                 s.expires_ms,
                 s.will.as_deref(),
-                s.will_due_ms
+                s.will_due_ms,
+                s.username
             ])?;
             OpResult::Done
         }
@@ -208,8 +210,7 @@ fn apply(
                 .query_row([client], |r| Ok((r.get(0)?, r.get(1)?)))?;
             tx.prepare_cached("DELETE FROM messages WHERE kind = 1 AND dest = ?1")?
                 .execute([client])?;
-            t.messages -= n as u64;
-            t.bytes -= b as u64;
+            t.add(1, -n, -b);
             for sql in [
                 "DELETE FROM sessions WHERE client_id = ?1",
                 "DELETE FROM subscriptions WHERE client_id = ?1",
@@ -254,14 +255,13 @@ fn apply(
             let oldest_kept = now_ms - cfg.max_age.as_millis().min(i64::MAX as u128) as i64;
             // Two deletes, each on its own index: an OR across both would scan every row.
             let mut n = 0u64;
-            let mut b = 0u64;
             for (sql, bound) in [
                 (
-                    "DELETE FROM messages WHERE expires_ms <= ?1 AND NOT {PINNED} RETURNING bytes",
+                    "DELETE FROM messages WHERE expires_ms <= ?1 AND NOT {PINNED} RETURNING kind, bytes",
                     *now_ms,
                 ),
                 (
-                    "DELETE FROM messages WHERE received_ms < ?1 AND NOT {PINNED} RETURNING bytes",
+                    "DELETE FROM messages WHERE received_ms < ?1 AND NOT {PINNED} RETURNING kind, bytes",
                     oldest_kept,
                 ),
             ] {
@@ -269,13 +269,11 @@ fn apply(
                 let mut rows = st.query([bound])?;
                 while let Some(r) = rows.next()? {
                     n += 1;
-                    b += r.get::<_, i64>(0)? as u64;
+                    t.add(r.get(0)?, -1, -r.get::<_, i64>(1)?);
                 }
             }
             tx.prepare_cached("DELETE FROM retained WHERE expires_ms <= ?1")?
                 .execute([now_ms])?;
-            t.messages -= n;
-            t.bytes -= b;
             t.expired += n;
             OpResult::Expired(n)
         }
@@ -287,19 +285,28 @@ fn apply(
 /// be taken for a duplicate (the uplink derives ids from rows). They leave when acknowledged.
 const PINNED: &str = "(qos = 2 AND state >= 1)";
 
-/// `drop_oldest`: deletes the lowest ids until one more message of `need` bytes fits.
+/// Whether one more message of `need` bytes fits in class `kind` under `limits`.
+fn fits(t: &Totals, kind: i64, (max_m, max_b): (u64, u64), need: u64) -> bool {
+    let (m, b) = t.class(kind);
+    m < max_m && b + need <= max_b
+}
+
+/// `drop_oldest`: deletes the class's lowest ids until one more message of `need` bytes fits.
+/// Only the class's own rows go: a neglected local session never costs the cloud its backlog.
 fn evict_until_fits(
     tx: &Transaction<'_>,
-    cfg: &StoreConfig,
+    kind: i64,
+    limits: (u64, u64),
     t: &mut Totals,
     need: u64,
 ) -> rusqlite::Result<()> {
-    while t.messages > 0 && (t.messages + 1 > cfg.max_messages || t.bytes + need > cfg.max_bytes) {
+    while t.class(kind).0 > 0 && !fits(t, kind, limits, need) {
         let victims: Vec<(i64, i64)> = {
             let mut st = tx.prepare_cached(&format!(
-                "SELECT id, bytes FROM messages WHERE NOT {PINNED} ORDER BY id LIMIT 64"
+                "SELECT id, bytes FROM messages INDEXED BY messages_by_kind
+                 WHERE kind = ?1 AND NOT {PINNED} ORDER BY id LIMIT 64"
             ))?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let rows = st.query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         if victims.is_empty() {
@@ -307,12 +314,11 @@ fn evict_until_fits(
         }
         let mut del = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
         for (id, b) in victims {
-            if !(t.messages + 1 > cfg.max_messages || t.bytes + need > cfg.max_bytes) {
+            if fits(t, kind, limits, need) {
                 break;
             }
             del.execute([id])?;
-            t.messages -= 1;
-            t.bytes -= b as u64;
+            t.add(kind, -1, -b);
             t.evicted += 1;
         }
     }

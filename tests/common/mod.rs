@@ -137,6 +137,18 @@ impl Outpost {
         std::mem::replace(&mut self.dir, spare)
     }
 
+    /// SIGTERM, as systemd stops it; returns the data directory for a restart.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let (status, _) = self.terminate();
+        assert!(
+            status.success(),
+            "outpost exited with {status}; log:\n{}",
+            self.log()
+        );
+        let spare = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, spare)
+    }
+
     /// Starts again on a data directory from `crash`, with the same config file.
     pub fn restart(dir: tempfile::TempDir, extra: &str) -> Outpost {
         Self::start_in(dir, extra)

@@ -72,6 +72,8 @@ fn check_fixed_flags(ptype: u8, flags: u8, version: Option<Version>) -> Result<(
             }
             Ok(())
         }
+        // MQTT 3.1 sets DUP on a PUBREL, SUBSCRIBE or UNSUBSCRIBE it resends; 3.1.1 reserved it.
+        6 | 8 | 10 if flags == 0x0A && version == Some(Version::V31) => Ok(()),
         6 | 8 | 10 if flags != 0x02 => Err(DecodeError::Malformed("reserved flags must be 0010")),
         6 | 8 | 10 => Ok(()),
         _ if flags != 0 => Err(DecodeError::Malformed("reserved flags must be 0000")),

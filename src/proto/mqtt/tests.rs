@@ -100,6 +100,24 @@ fn cases() -> Vec<(&'static str, Option<Version>, Vec<u8>, Want)> {
             Malformed,
         ),
         (
+            "3.1 resends PUBREL with DUP set (issue 18)",
+            Some(Version::V31),
+            pkt(0x6A, &pid),
+            Ok,
+        ),
+        (
+            "3.1 may set DUP on a resent SUBSCRIBE",
+            Some(Version::V31),
+            pkt(0x8A, &cat(&[&pid, &s("a"), &[0]])),
+            Ok,
+        ),
+        (
+            "3.1.1 PUBREL with DUP is malformed [MQTT-3.6.1-1]",
+            V3,
+            pkt(0x6A, &pid),
+            Malformed,
+        ),
+        (
             "SUBSCRIBE flags must be 0010 [MQTT-3.8.1-1]",
             V3,
             pkt(0x80, &cat(&[&pid, &s("a"), &[0]])),

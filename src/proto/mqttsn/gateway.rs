@@ -62,6 +62,9 @@ pub struct GatewayConfig {
     /// The first `ConnId` this gateway gives out; each transport takes its own range, apart
     /// from the MQTT listeners'.
     pub conn_base: ConnId,
+    /// `[limits] max_topic_levels`: deeper names and filters are rejected at REGISTER,
+    /// SUBSCRIBE and the will, before the hub would have to end the client for them.
+    pub max_topic_levels: usize,
 }
 
 /// Every MQTT-SN gateway's connection ids are at or above this.
@@ -77,6 +80,7 @@ impl Default for GatewayConfig {
             advertise: None,
             max_clients: 1000,
             conn_base: SN_CONN_BASE,
+            max_topic_levels: 200,
         }
     }
 }
@@ -320,6 +324,11 @@ fn mqtt_qos(q: SnQos) -> QoS {
         SnQos::One => QoS::AtLeastOnce,
         SnQos::Two => QoS::ExactlyOnce,
     }
+}
+
+/// Whether `t` has at most `max` levels.
+fn within(t: &str, max: usize) -> bool {
+    t.split('/').nth(max).is_none()
 }
 
 /// A v5 reason code from the hub as an MQTT-SN return code.
@@ -642,9 +651,9 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
             keep_alive,
             client_id: c.id.clone(),
             will: c.will.will(),
-            // MQTT-SN has no user names: the ACL's `user <client id>` section, and `%u`,
-            // apply to a sensor by its client id.
-            username: Some(c.id.clone()),
+            // MQTT-SN has no user names, and a client id proves nothing: a sensor is
+            // `sn:<client id>` to the ACL (`user sn:<id>`, `%u`), a namespace no login reaches.
+            username: Some(format!("sn:{}", c.id)),
             password: None,
             properties: props,
         };
@@ -783,13 +792,16 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
 
     fn on_client_message(&mut self, now: Instant, conn: ConnId, msg: Message) {
         let predefined = self.predefined.clone();
+        let depth = self.cfg.max_topic_levels;
+        let name_ok = |t: &str| topic::validate_name(t).is_ok() && within(t, depth);
+        let filter_ok = |t: &str| topic::validate_filter(t).is_ok() && within(t, depth);
         let Some(c) = self.clients.get_mut(&conn) else {
             return;
         };
         let peer = c.peer.clone();
         match msg {
             Message::WillTopic(t) if c.state == State::WillTopic => match t {
-                Some((f, topic)) if topic::validate_name(&topic).is_ok() => {
+                Some((f, topic)) if name_ok(&topic) => {
                     c.will.topic = Some((topic, mqtt_qos(f.qos), f.retain));
                     c.state = State::WillMsg;
                     self.send(&peer, Message::WillMsgReq);
@@ -819,7 +831,7 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                         c.will = WillDraft::default();
                         true
                     }
-                    Some((f, topic)) if topic::validate_name(&topic).is_ok() => {
+                    Some((f, topic)) if name_ok(&topic) => {
                         c.will.topic = Some((topic, mqtt_qos(f.qos), f.retain));
                         true
                     }
@@ -841,7 +853,7 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                 }
             }
             Message::Register { msg_id, topic, .. } => {
-                let (topic_id, code) = if topic::validate_name(&topic).is_err() {
+                let (topic_id, code) = if !name_ok(&topic) {
                     (0, rc::NOT_SUPPORTED)
                 } else {
                     match c.register(&topic) {
@@ -1036,7 +1048,7 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                 };
                 let (filter, topic_id) = match &topic {
                     TopicRef::Name(f) => {
-                        if topic::validate_filter(f).is_err() || f.starts_with("$share/") {
+                        if !filter_ok(f) || f.starts_with("$share/") {
                             return self.send(&peer, suback(rc::NOT_SUPPORTED));
                         }
                         // A plain name gets its topic id now, returned in SUBACK; a filter
@@ -1058,7 +1070,7 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                         }
                     }
                     TopicRef::Short(_) => match topic_name(&topic) {
-                        Some(n) if topic::validate_filter(&n).is_ok() => (n, 0),
+                        Some(n) if filter_ok(&n) => (n, 0),
                         _ => return self.send(&peer, suback(rc::NOT_SUPPORTED)),
                     },
                     TopicRef::Id(_) => return self.send(&peer, suback(rc::INVALID_TOPIC_ID)),

@@ -1174,3 +1174,74 @@ fn waking_onto_another_clients_address_ends_that_client() {
         vec![("ws".into(), b"from s".to_vec(), QoS::AtMostOnce)]
     );
 }
+
+/// Issue 18: a topic deeper than `max_topic_levels` is rejected where the sensor names it,
+/// and its client id never reaches a session that a logged-in user made.
+#[test]
+fn deep_register_subscribe_and_will_are_rejected() {
+    let mut r = rig();
+    r.connected(1, "deep", true, 60);
+    let deep = format!("{}x", "/".repeat(7000));
+    r.dgram(
+        1,
+        Message::Register {
+            topic_id: 0,
+            msg_id: 5,
+            topic: deep.clone(),
+        },
+    );
+    assert_eq!(
+        r.one(1),
+        Message::RegAck {
+            topic_id: 0,
+            msg_id: 5,
+            rc: rc::NOT_SUPPORTED
+        }
+    );
+    let got = r.subscribe(1, TopicRef::Name(format!("{deep}/#")), SnQos::One, 6);
+    assert!(
+        matches!(
+            got,
+            Message::SubAck {
+                rc: rc::NOT_SUPPORTED,
+                ..
+            }
+        ),
+        "{got:?}"
+    );
+    // 200 levels are fine.
+    r.register(1, &vec!["l"; 200].join("/"), 7);
+}
+
+#[test]
+fn a_client_id_is_not_a_user_name() {
+    let mut r = rig();
+    // carol logs in over MQTT with a persistent session, then goes away.
+    let carol = Connect {
+        version: Version::V311,
+        clean_start: false,
+        keep_alive: 0,
+        client_id: "carol".into(),
+        will: None,
+        username: Some("carol".into()),
+        password: None,
+        properties: Props::default(),
+    };
+    r.hub_input(HubInput::Connect {
+        conn: 77,
+        connect: Box::new(carol),
+        keep_alive: 0,
+    });
+    r.hub_input(HubInput::Closed {
+        conn: 77,
+        reason: CloseReason::ConnectionLost,
+        notify: None,
+    });
+    r.dgram(2, connect("carol", false, false, 60));
+    assert_eq!(
+        r.one(2),
+        Message::ConnAck {
+            rc: rc::NOT_SUPPORTED
+        }
+    );
+}
