@@ -103,8 +103,9 @@ pub fn decide(
 /// password is checked. A success clears it. Sans-IO: time is an argument.
 #[derive(Debug, Default)]
 pub struct Throttle {
-    /// Failures in a row, and when the next attempt may be looked at.
-    sources: std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>,
+    /// Failures in a row, when the next attempt may be looked at, and attempts booked and not
+    /// yet decided.
+    sources: std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant, u32)>,
 }
 
 impl Throttle {
@@ -125,22 +126,25 @@ impl Throttle {
     }
 
     /// Books an attempt from `ip` at `now`: returns when it may be looked at, if it must wait,
-    /// and moves the source's next slot on by its delay, so parallel attempts queue up. The
-    /// queue reaches at most `MAX` ahead: past that the attempt is refused unbooked
-    /// (`Err(Refusal::Busy)`), so a failing source cannot hold many connections open waiting.
+    /// and moves the source's next slot on. A booked attempt counts as the failure it will
+    /// most likely be, so attempts booked together are spaced by the doubling delay, exactly
+    /// as one socket trying again after each failure would be: opening more sockets buys no
+    /// more guesses. The queue reaches at most `MAX` ahead: past that the attempt is refused
+    /// unbooked (`Err(Refusal::Busy)`), so a failing source cannot hold connections waiting.
     pub fn reserve(
         &mut self,
         ip: std::net::IpAddr,
         now: std::time::Instant,
     ) -> Result<Option<std::time::Instant>, Refusal> {
-        let Some((failures, next)) = self.sources.get_mut(&ip) else {
+        let Some((failures, next, booked)) = self.sources.get_mut(&ip) else {
             return Ok(None);
         };
         let at = (*next).max(now);
         if at > now + Self::MAX {
             return Err(Refusal::Busy);
         }
-        *next = at + Self::delay(*failures);
+        *booked = booked.saturating_add(1);
+        *next = at + Self::delay(failures.saturating_add(*booked));
         Ok((at > now).then_some(at))
     }
 
@@ -149,8 +153,9 @@ impl Throttle {
         if self.sources.len() >= Self::CAPACITY && !self.sources.contains_key(&ip) {
             self.sources.clear();
         }
-        let e = self.sources.entry(ip).or_insert((0, now));
+        let e = self.sources.entry(ip).or_insert((0, now, 0));
         e.0 = e.0.saturating_add(1);
+        e.2 = e.2.saturating_sub(1);
         e.1 = e.1.max(now + Self::delay(e.0));
         e.0
     }
@@ -213,27 +218,56 @@ mod tests {
     }
 
     #[test]
-    fn parallel_attempts_queue_up() {
+    fn parallel_attempts_are_spaced_by_the_doubling_delay() {
         let t0 = Instant::now();
         let ip = "10.0.0.7".parse().unwrap();
         let other = "10.0.0.8".parse().unwrap();
         let mut t = Throttle::default();
         t.failed(ip, t0);
         t.failed(ip, t0);
-        // Two failures: 500 ms apart. Five connections at once wait 0.5, 1, 1.5, 2, 2.5 s.
+        // Two failures: the next attempt after 500 ms; the ones booked with it as if each
+        // before it had failed (issue 18: 8 sockets got 14 guesses in 12 s, one socket 6).
         let slots: Vec<_> = (0..5).map(|_| t.reserve(ip, t0)).collect();
-        let want: Vec<_> = (1..=5)
-            .map(|i| Ok(Some(t0 + Duration::from_millis(500 * i))))
+        let want: Vec<_> = [500, 1500, 3500, 7500, 15500]
+            .into_iter()
+            .map(|ms| Ok(Some(t0 + Duration::from_millis(ms))))
             .collect();
         assert_eq!(slots, want);
-        // A failure in the meantime never pulls the queue forward.
+        assert_eq!(
+            t.reserve(ip, t0),
+            Err(Refusal::Busy),
+            "the next would wait past MAX"
+        );
+        // Sixteen sockets at once get no more checks in 20 s than one socket failing in turn.
+        let mut t = Throttle::default();
         t.failed(ip, t0);
-        assert!(t.reserve(ip, t0).unwrap() >= Some(t0 + Duration::from_millis(3000)));
-        // The queue is bounded: at 1 s apart it holds about MAX / 1 s waiting attempts.
-        let queued = (0..100).filter(|_| t.reserve(ip, t0).is_ok()).count();
-        assert!(queued <= 30, "{queued} attempts queued");
-        assert_eq!(t.reserve(ip, t0), Err(Refusal::Busy));
+        let checked = (0..16)
+            .filter_map(|_| t.reserve(ip, t0).ok())
+            .filter(|at| at.map_or(true, |at| at <= t0 + Duration::from_secs(20)))
+            .count();
+        assert!(checked <= 6, "{checked} attempts checked within 20 s");
+        // A failure in the meantime never pulls the queue forward.
+        let before = t.reserve(ip, t0 + Duration::from_secs(40));
+        t.failed(ip, t0);
+        assert!(t.reserve(ip, t0 + Duration::from_secs(40)).unwrap() > before.unwrap());
         // Other sources are not held up.
         assert_eq!(t.reserve(other, t0), Ok(None));
+    }
+
+    #[test]
+    fn a_one_socket_guesser_still_doubles() {
+        let t0 = Instant::now();
+        let ip = "10.0.0.6".parse().unwrap();
+        let mut t = Throttle::default();
+        let mut now = t0;
+        let mut checks = 0;
+        while now < t0 + Duration::from_secs(12) {
+            if let Ok(at) = t.reserve(ip, now) {
+                now = at.unwrap_or(now);
+                checks += 1;
+                t.failed(ip, now);
+            }
+        }
+        assert!((5..=7).contains(&checks), "{checks} checks in 12 s");
     }
 }

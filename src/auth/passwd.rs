@@ -40,6 +40,9 @@ enum Hash {
 #[derive(Debug, Clone, Default)]
 pub struct Passwords {
     users: HashMap<String, Hash>,
+    /// Checked for an unknown user: the kind and cost of the file's own entries (the most
+    /// common), so that a wrong name takes as long as a wrong password.
+    dummy: Option<Hash>,
 }
 
 impl Passwords {
@@ -64,7 +67,8 @@ impl Passwords {
             let hash = parse_hash(entry).map_err(|m| (n + 1, format!("user `{user}`: {m}")))?;
             users.insert(user.to_owned(), hash);
         }
-        Ok(Passwords { users })
+        let dummy = dummy_like(users.values());
+        Ok(Passwords { users, dummy })
     }
 
     pub fn len(&self) -> usize {
@@ -75,20 +79,16 @@ impl Passwords {
         self.users.is_empty()
     }
 
-    /// Whether `password` is `user`'s.
+    /// Whether `password` is `user`'s. An empty password is never anyone's, as with
+    /// mosquitto; every refusal costs what a real check costs.
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
-        match self.users.get(user) {
-            Some(h) => check(h, password),
-            None => {
-                // The same work as a real check, then no.
-                let dummy = Hash::Pbkdf2 {
-                    iterations: NonZeroU32::new(ITERATIONS).unwrap_or(NonZeroU32::MIN),
-                    salt: vec![0; SALT_LEN],
-                    hash: vec![0; HASH_LEN],
-                };
-                let _ = check(&dummy, password);
+        match (self.users.get(user), &self.dummy) {
+            (Some(h), _) => check(h, password) && !password.is_empty(),
+            (None, Some(d)) => {
+                let _ = check(d, password);
                 false
             }
+            (None, None) => false,
         }
     }
 }
@@ -127,6 +127,30 @@ fn parse_hash(entry: &str) -> Result<Hash, String> {
         }
         _ => Err("not a mosquitto hash ($7$... or $6$...); plain-text files must go through mosquitto_passwd -U first".into()),
     }
+}
+
+/// A hash no password matches, as costly to check as the most common kind in `hashes`.
+fn dummy_like<'a>(hashes: impl Iterator<Item = &'a Hash>) -> Option<Hash> {
+    let mut costs: HashMap<Option<NonZeroU32>, usize> = HashMap::new();
+    for h in hashes {
+        let cost = match h {
+            Hash::Pbkdf2 { iterations, .. } => Some(*iterations),
+            Hash::Sha512 { .. } => None,
+        };
+        *costs.entry(cost).or_default() += 1;
+    }
+    let (cost, _) = costs.into_iter().max_by_key(|(c, n)| (*n, *c))?;
+    Some(match cost {
+        Some(iterations) => Hash::Pbkdf2 {
+            iterations,
+            salt: vec![0; SALT_LEN],
+            hash: vec![0; HASH_LEN],
+        },
+        None => Hash::Sha512 {
+            salt: vec![0; SALT_LEN],
+            hash: vec![0; HASH_LEN],
+        },
+    })
 }
 
 fn check(h: &Hash, password: &[u8]) -> bool {
@@ -216,6 +240,41 @@ bob:$7$101$A7UX1vIx8YNH1cmM$XPwBS6OPZXsKhoSeXGFn4Fs+gkiPVDl4IQZs19j445pysRsYjDYW
         assert!(!p.verify("alice", b""));
         assert!(p.verify("bob", "p:ss wörd".as_bytes()));
         assert!(!p.verify("carol", b"secret"));
+    }
+
+    /// Issue 18: an unknown user cost 1,000 iterations against the file's 101, so timing told
+    /// which names exist. The dummy now has the file's own cost.
+    #[test]
+    fn an_unknown_user_costs_what_the_files_entries_cost() {
+        let p = Passwords::parse(MOSQUITTO).unwrap();
+        assert_eq!(
+            p.dummy,
+            Some(Hash::Pbkdf2 {
+                iterations: NonZeroU32::new(101).unwrap(),
+                salt: vec![0; SALT_LEN],
+                hash: vec![0; HASH_LEN],
+            })
+        );
+        let rng = ring::rand::SystemRandom::new();
+        let mine = format!("x:{}\n", hash_entry(b"pw", &rng).unwrap());
+        let p = Passwords::parse(&format!("{MOSQUITTO}{mine}")).unwrap();
+        assert!(
+            matches!(p.dummy, Some(Hash::Pbkdf2 { iterations, .. }) if iterations.get() == 101),
+            "the most common cost"
+        );
+        let p =
+            Passwords::parse(&format!("{mine}{}{}", mine.replace("x:", "y:"), MOSQUITTO)).unwrap();
+        assert!(
+            matches!(p.dummy, Some(Hash::Pbkdf2 { iterations, .. }) if iterations.get() == ITERATIONS),
+            "a tie goes to the costlier"
+        );
+    }
+
+    #[test]
+    fn an_empty_password_is_refused_even_when_it_matches() {
+        let rng = ring::rand::SystemRandom::new();
+        let p = Passwords::parse(&format!("e:{}\n", hash_entry(b"", &rng).unwrap())).unwrap();
+        assert!(!p.verify("e", b""));
     }
 
     #[test]
