@@ -518,7 +518,8 @@ async fn idle_rss(b: &Broker, steps: &[usize]) -> Vec<f64> {
                 })),
                 Version::V311,
                 &mut wire,
-            );
+            )
+            .expect("a short CONNECT encodes");
             let mut ack = [0u8; 4];
             let ok = s.write_all(&wire).await.is_ok()
                 && tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ack))

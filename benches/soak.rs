@@ -203,7 +203,7 @@ struct Sn {
 impl Sn {
     async fn send(&self, m: &Message) -> bool {
         let mut d = Vec::new();
-        encode(m, &mut d);
+        encode(m, &mut d).expect("test messages are small");
         self.sock.send(&d).await.is_ok()
     }
 

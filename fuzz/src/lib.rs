@@ -77,7 +77,7 @@ pub fn mqtt_decode(data: &[u8]) {
                     (_, None) => unreachable!("only CONNECT decodes before CONNECT"),
                 };
                 let mut wire = Vec::new();
-                mqtt::encode(&p, level, &mut wire);
+                mqtt::encode(&p, level, &mut wire).expect("what decodes, encodes");
                 let again = mqtt::decode(&wire, version, u32::MAX);
                 assert_eq!(again, Ok(Some((p, wire.len()))), "re-encoded {wire:02x?}");
                 at += n;
@@ -142,7 +142,7 @@ pub fn mqtt_decode(data: &[u8]) {
 pub fn mqttsn_decode(data: &[u8]) {
     if let Ok(m) = sn::decode(data) {
         let mut wire = Vec::new();
-        sn::encode(&m, &mut wire);
+        sn::encode(&m, &mut wire).expect("what decodes, encodes");
         assert_eq!(sn::decode(&wire), Ok(m), "re-encoded {wire:02x?}");
     }
 }
@@ -227,7 +227,7 @@ pub fn frames(data: &[u8]) {
         // Re-encoded, a frame comes back whole (lines cannot hold their own terminators, and
         // never do: the deframer split on them).
         let mut wire = Vec::new();
-        encode(framing, f, b"\n", &mut wire);
+        encode(framing, f, b"\n", &mut wire).expect("a frame that deframed re-encodes");
         let mut again = Deframer::new(framing, max);
         let mut back = Vec::new();
         again.feed(&wire, |r| back.push(r.map(<[u8]>::to_vec)));
@@ -1041,7 +1041,7 @@ impl SnRig {
 
     fn dgram(&mut self, from: u32, m: Message) {
         let mut data = Vec::new();
-        sn::encode(&m, &mut data);
+        sn::encode(&m, &mut data).expect("the harness builds small messages");
         self.gw
             .handle_datagram(self.hub.now, from, &data, from >= 3);
         self.settle();

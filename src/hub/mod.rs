@@ -1781,11 +1781,8 @@ fn acl_permits(
 /// A session's row as the store keeps it, from its state now.
 fn stored_row(clock: &Clock, s: &Session) -> StoredSession {
     let (will, will_due_ms) = match (&s.pending_will, &s.will) {
-        (Some(p), _) => (
-            Some(durable::encode_will(&p.will)),
-            Some(clock.unix_ms(p.due)),
-        ),
-        (None, Some(w)) => (Some(durable::encode_will(w)), None),
+        (Some(p), _) => (durable::encode_will(&p.will), Some(clock.unix_ms(p.due))),
+        (None, Some(w)) => (durable::encode_will(w), None),
         (None, None) => (None, None),
     };
     StoredSession {

@@ -358,12 +358,16 @@ impl Port {
             return;
         };
         let mut out = Vec::with_capacity(payload.len() + 8);
-        encode(
+        if let Err(e) = encode(
             self.framing,
             payload,
             self.cfg.line_ending.as_bytes(),
             &mut out,
-        );
+        ) {
+            self.stats.writes_dropped += 1;
+            tracing::warn!(port = %self.cfg.name, error = %e, "command dropped: the framing cannot carry it");
+            return;
+        }
         match tokio::time::timeout(WRITE_TIMEOUT, d.write_all(&out)).await {
             Ok(Ok(())) => self.stats.writes += 1,
             Ok(Err(e)) => {

@@ -499,7 +499,8 @@ impl Driver {
                     // A normal DISCONNECT keeps the session (its expiry is not 0).
                     let dc = crate::proto::mqtt::Packet::Disconnect(Default::default());
                     let mut b = wbuf;
-                    crate::proto::mqtt::encode(&dc, self.session_version(), &mut b);
+                    // An empty DISCONNECT always encodes.
+                    let _ = crate::proto::mqtt::encode(&dc, self.session_version(), &mut b);
                     let _ = tokio::time::timeout(Duration::from_secs(1), async {
                         wr.write_all(&b).await?;
                         wr.shutdown().await

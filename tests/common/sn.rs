@@ -17,7 +17,7 @@ impl SnClient {
 
     pub fn send(&self, m: &Message) {
         let mut d = Vec::new();
-        encode(m, &mut d);
+        encode(m, &mut d).expect("test messages are small");
         self.0.send(&d).expect("udp send");
     }
 

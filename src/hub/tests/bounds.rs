@@ -493,3 +493,46 @@ fn shutdown_clears_the_stored_will_it_publishes() {
         "without the will a restart would publish again"
     );
 }
+
+/// A mount point is added before the hub sees a topic: one that pushes a topic past 65,535
+/// bytes is refused here, never stored or sent on with a clipped length.
+#[test]
+fn a_topic_over_the_string_limit_after_a_mount_point_is_refused() {
+    let mut t = t();
+    t.connect(1, Version::V5, "mounted", true);
+    let mut p = msg(
+        &format!("site/{}", "a".repeat(65_531)),
+        "x",
+        QoS::AtLeastOnce,
+        1,
+    );
+    p.retain = true;
+    t.publish(1, p);
+    assert_eq!(closed_with(&t, 1), Some(reason::TOPIC_NAME_INVALID));
+    assert_eq!(t.hub.retained(), 0);
+}
+
+#[test]
+fn a_bridge_prefix_that_overflows_the_topic_keeps_it_out_of_the_outbox() {
+    let (mut t, store) = durable_hub();
+    let rules = crate::bridge::rules::Rules::parse(
+        std::path::Path::new("t.toml"),
+        "[[out]]\nfilter = \"#\"\nremote_prefix = \"sites/very-long-prefix/\"\nqos = 1\n",
+        "gw",
+    )
+    .unwrap();
+    t.hub.set_uplink_rules(rules.outs);
+    t.connect(1, Version::V5, "p", true);
+    store.ops();
+    t.publish(1, msg(&"a".repeat(65_530), "x", QoS::AtLeastOnce, 1));
+    let outboxed = store
+        .ops()
+        .iter()
+        .filter(|o| {
+            matches!(o, crate::store::Op::Insert { msg, .. }
+            if matches!(msg.dest, crate::store::Dest::Outbox(_)))
+        })
+        .count();
+    assert_eq!(outboxed, 0);
+    assert_eq!(t.hub.stats().bad_topics, 1);
+}

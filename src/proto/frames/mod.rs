@@ -265,8 +265,14 @@ fn lencrc_scan(
 }
 
 /// Writes `payload` as one frame. `lines` appends `line_ending`; a payload that itself holds
-/// a line ending would become two lines, which the caller decides about.
-pub fn encode(framing: Framing, payload: &[u8], line_ending: &[u8], out: &mut Vec<u8>) {
+/// a line ending would become two lines, which the caller decides about. A payload its framing
+/// cannot carry (`len-crc16` over 65,535 bytes) is refused, never cut short under a valid CRC.
+pub fn encode(
+    framing: Framing,
+    payload: &[u8],
+    line_ending: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     match framing {
         Framing::Lines => {
             out.extend_from_slice(payload);
@@ -278,14 +284,16 @@ pub fn encode(framing: Framing, payload: &[u8], line_ending: &[u8], out: &mut Ve
         }
         Framing::Slip => slip::encode_frame(payload, false, out),
         Framing::LenCrc16 => {
-            let len = payload.len().min(u16::MAX as usize);
+            let len = u16::try_from(payload.len())
+                .map_err(|_| FrameError::Overlong(u16::MAX as usize))?;
             let start = out.len();
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-            out.extend_from_slice(&payload[..len]);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(payload);
             let crc = crc16(&out[start..]);
             out.extend_from_slice(&crc.to_be_bytes());
         }
     }
+    Ok(())
 }
 
 fn cobs_encode(data: &[u8], out: &mut Vec<u8>) {
@@ -350,7 +358,7 @@ mod tests {
     fn wire(f: Framing, frames: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for p in frames {
-            encode(f, p, b"\r\n", &mut out);
+            encode(f, p, b"\r\n", &mut out).unwrap();
         }
         out
     }
@@ -550,5 +558,22 @@ mod tests {
             let mut d = Deframer::new(f, 32);
             d.feed(&bytes, |r| if let Ok(fr) = r { assert!(fr.len() <= 32) });
         }
+    }
+
+    /// Issue 18: a write over 65,535 bytes went out cut short under a valid CRC.
+    #[test]
+    fn len_crc16_refuses_what_its_length_cannot_say() {
+        let mut out = Vec::new();
+        let big = vec![7u8; 65_536];
+        assert_eq!(
+            encode(Framing::LenCrc16, &big, b"", &mut out),
+            Err(FrameError::Overlong(65_535))
+        );
+        assert!(out.is_empty());
+        encode(Framing::LenCrc16, &big[..65_535], b"", &mut out).unwrap();
+        let mut d = Deframer::new(Framing::LenCrc16, 70_000);
+        let mut got = Vec::new();
+        d.feed(&out, |f| got.push(f.map(<[u8]>::len)));
+        assert_eq!(got, vec![Ok(65_535)]);
     }
 }

@@ -655,9 +655,12 @@ impl ClientSession {
         ));
     }
 
+    /// Whether `p` can go to this broker: within its Maximum Packet Size, and encodable at
+    /// all (a row whose topic is over 65,535 bytes is refused, never sent mangled).
     fn fits(&self, p: &Publish) -> bool {
-        encoded_len(&Packet::Publish(p.clone()), self.cfg.version)
-            <= self.server_max_packet as usize
+        let packet = Packet::Publish(p.clone());
+        crate::proto::mqtt::encode::encodable(&packet, self.cfg.version).is_ok()
+            && encoded_len(&packet, self.cfg.version) <= self.server_max_packet as usize
     }
 
     fn send(&mut self, now: Instant, p: Packet) {
@@ -720,7 +723,7 @@ mod tests {
 
     fn feed(c: &mut ClientSession, now: Instant, v: Version, p: Packet) {
         let mut b = Vec::new();
-        encode(&p, v, &mut b);
+        encode(&p, v, &mut b).unwrap();
         c.handle_bytes(now, &b);
     }
 
@@ -1042,6 +1045,24 @@ mod tests {
             events(&mut c),
             vec![ClientEvent::Rejected {
                 tag: 5,
+                reason: reason::PACKET_TOO_LARGE
+            }]
+        );
+    }
+
+    /// Issue 18: a row whose topic a prefix pushed past 65,535 bytes was written with
+    /// `len as u16`, and the broker read another topic and packet. It is refused instead.
+    #[test]
+    fn a_topic_over_the_string_limit_is_rejected_not_sent_mangled() {
+        let v = Version::V311;
+        let (mut c, t) = connected(v, Properties::default());
+        let long = msg(&"t".repeat(65_536), QoS::AtLeastOnce);
+        c.publish(t, 6, long).unwrap();
+        assert!(sent(&mut c, v, false).is_empty());
+        assert_eq!(
+            events(&mut c),
+            vec![ClientEvent::Rejected {
+                tag: 6,
                 reason: reason::PACKET_TOO_LARGE
             }]
         );

@@ -3,11 +3,86 @@
 
 use super::packet::*;
 
-/// Appends the encoding of `packet` for protocol level `v` to `out`.
+/// Why a packet cannot be put on the wire. Nothing is written: a length that does not fit
+/// its field would make the peer read a different packet (a shorter topic, the rest taken
+/// as packet id and payload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// A string or binary field (a topic, a client id, a property) is over 65,535 bytes.
+    #[error("a string or binary field is longer than 65535 bytes")]
+    FieldTooLong,
+    /// The remaining length is over what four length bytes can say.
+    #[error("the packet is longer than MQTT's 268435455-byte limit")]
+    PacketTooLong,
+}
+
+/// The largest remaining length a fixed header can carry.
+const MAX_BODY: usize = 268_435_455;
+
+/// Whether `packet` can be encoded for `v`: every field within its length prefix, the whole
+/// within the remaining-length limit.
+pub fn encodable(packet: &Packet, v: Version) -> Result<(), EncodeError> {
+    let (_, body) = header(packet, v);
+    if body > MAX_BODY {
+        return Err(EncodeError::PacketTooLong);
+    }
+    let short = |n: usize| n <= u16::MAX as usize;
+    let s = |o: &Option<String>| o.as_ref().map_or(true, |x| short(x.len()));
+    let b = |o: &Option<bytes::Bytes>| o.as_ref().map_or(true, |x| short(x.len()));
+    let props = |p: &Properties| {
+        !v.is_v5()
+            || (s(&p.content_type)
+                && s(&p.response_topic)
+                && b(&p.correlation_data)
+                && s(&p.assigned_client_identifier)
+                && s(&p.authentication_method)
+                && b(&p.authentication_data)
+                && s(&p.response_information)
+                && s(&p.server_reference)
+                && s(&p.reason_string)
+                && p.user_properties
+                    .iter()
+                    .all(|(k, x)| short(k.len()) && short(x.len())))
+    };
+    let fine = match packet {
+        Packet::Connect(c) => {
+            short(c.client_id.len())
+                && props(&c.properties)
+                && c.will.as_ref().map_or(true, |w| {
+                    short(w.topic.len()) && short(w.payload.len()) && props(&w.properties)
+                })
+                && c.username.as_ref().map_or(true, |u| short(u.len()))
+                && c.password.as_ref().map_or(true, |p| short(p.len()))
+        }
+        Packet::Publish(p) => short(p.topic.len()) && props(&p.properties),
+        Packet::Subscribe(x) => {
+            x.filters.iter().all(|(f, _)| short(f.len())) && props(&x.properties)
+        }
+        Packet::Unsubscribe(u) => u.filters.iter().all(|f| short(f.len())) && props(&u.properties),
+        Packet::ConnAck(a) => props(&a.properties),
+        Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+            props(&a.properties)
+        }
+        Packet::SubAck(x) => props(&x.properties),
+        Packet::UnsubAck(u) => props(&u.properties),
+        Packet::Disconnect(d) => props(&d.properties),
+        Packet::Auth(a) => props(&a.properties),
+        Packet::PingReq | Packet::PingResp => true,
+    };
+    if fine {
+        Ok(())
+    } else {
+        Err(EncodeError::FieldTooLong)
+    }
+}
+
+/// Appends the encoding of `packet` for protocol level `v` to `out`, or, when it cannot be
+/// encoded (`encodable`), appends nothing and says why.
 ///
 /// Fields that `v` cannot carry (properties before v5, reason codes on 3.x acks) are left out;
 /// the caller has already decided what the peer should see.
-pub fn encode(packet: &Packet, v: Version, out: &mut Vec<u8>) {
+pub fn encode(packet: &Packet, v: Version, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    encodable(packet, v)?;
     let (first, body_len) = header(packet, v);
     out.reserve(5 + body_len);
     out.push(first);
@@ -15,6 +90,7 @@ pub fn encode(packet: &Packet, v: Version, out: &mut Vec<u8>) {
     let start = out.len();
     body(packet, v, out);
     debug_assert_eq!(out.len() - start, body_len, "{}", packet.name());
+    Ok(())
 }
 
 /// The total encoded size of `packet`, fixed header included.

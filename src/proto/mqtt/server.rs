@@ -388,12 +388,16 @@ impl Outbound {
         }
     }
 
-    /// Appends the encoding of `packet` to `out`.
+    /// Appends the encoding of `packet` to `out`. One that cannot be encoded (a field over
+    /// 65,535 bytes, which the hub refuses on the way in) is dropped and logged, never sent
+    /// with a wrong length.
     pub fn encode(&mut self, mut packet: Packet, out: &mut Vec<u8>) {
         if let Packet::Publish(p) = &mut packet {
             self.alias(p);
         }
-        encode(&packet, self.version, out);
+        if let Err(e) = encode(&packet, self.version, out) {
+            tracing::warn!(packet = packet.name(), error = %e, "packet not sent");
+        }
     }
 
     /// Aliases are assigned first come, first served, and never reassigned: a stable mapping
@@ -441,7 +445,8 @@ mod tests {
                 Version::V311
             },
             &mut out,
-        );
+        )
+        .unwrap();
         out
     }
 
@@ -536,7 +541,7 @@ mod tests {
                 ..Publish::default()
             });
             let mut out = Vec::new();
-            encode(&p, Version::V5, &mut out);
+            encode(&p, Version::V5, &mut out).unwrap();
             out
         };
         m.handle_bytes(t0, &publish("a/b", 3));

@@ -1064,7 +1064,7 @@ fn other(v5: bool) -> impl Strategy<Value = Packet> {
 
 fn roundtrip(p: &Packet, v: Version) -> Result<(), TestCaseError> {
     let mut buf = Vec::new();
-    encode(p, v, &mut buf);
+    encode(p, v, &mut buf).unwrap();
     prop_assert_eq!(buf.len(), encoded_len(p, v));
     let before = if matches!(p, Packet::Connect(_)) {
         None
@@ -1133,4 +1133,43 @@ fn export_fuzz_seeds() {
         seed.extend_from_slice(&bytes);
         std::fs::write(dir.join(format!("table-{i:03}")), seed).expect("seed");
     }
+}
+
+/// Issue 18: the encoder wrote `len as u16` for a topic of 65,536 bytes and more, so the peer
+/// read a different packet. It writes nothing and says why.
+#[test]
+fn fields_over_their_length_prefix_are_not_encoded() {
+    let mut out = Vec::new();
+    let p = Packet::Publish(Publish {
+        topic: "t".repeat(65_536),
+        ..Publish::default()
+    });
+    assert_eq!(
+        encode(&p, Version::V311, &mut out),
+        Err(crate::proto::mqtt::encode::EncodeError::FieldTooLong)
+    );
+    assert!(out.is_empty());
+    let p = Packet::Publish(Publish {
+        topic: "t".repeat(65_535),
+        ..Publish::default()
+    });
+    encode(&p, Version::V311, &mut out).unwrap();
+    assert_eq!(
+        decode(&out, Some(Version::V311), u32::MAX)
+            .unwrap()
+            .unwrap()
+            .0,
+        p
+    );
+    let mut props = Properties::default();
+    props.user_properties.push(("k".into(), "v".repeat(70_000)));
+    let p = Packet::Publish(Publish {
+        topic: "t".into(),
+        properties: props.into(),
+        ..Publish::default()
+    });
+    out.clear();
+    assert!(encode(&p, Version::V5, &mut out).is_err());
+    // 3.1.1 carries no properties: nothing too long is written.
+    assert!(encode(&p, Version::V311, &mut out).is_ok());
 }

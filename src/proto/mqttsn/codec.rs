@@ -529,7 +529,7 @@ fn decode_nested(d: &[u8], depth: u8) -> Result<Message, DecodeError> {
 
 /// Appends the encoding of `m` to `out`. Bodies longer than the 3-byte length allows are the
 /// caller's to prevent (the gateway never builds one: its payloads come from bounded packets).
-pub fn encode(m: &Message, out: &mut Vec<u8>) {
+pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), TooLong> {
     let mut body = Vec::with_capacity(16);
     match m {
         Message::Advertise { gw_id, duration } => {
@@ -676,24 +676,33 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
         } => {
             body.push(radius & 3);
             body.extend_from_slice(node);
-            header(out, body.len() + 1);
+            let start = out.len();
+            header(out, body.len() + 1)?;
             out.push(0xFE);
             out.extend_from_slice(&body);
-            return encode(inner, out);
+            return encode(inner, out).inspect_err(|_| out.truncate(start));
         }
     }
-    header(out, body.len() + 1);
+    header(out, body.len() + 1)?;
     out.push(m.type_byte());
     out.extend_from_slice(&body);
+    Ok(())
 }
 
+/// A message longer than the 3-byte length field can say (65,535 bytes): not encoded, since
+/// a clipped length would make the client read another message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("MQTT-SN message longer than 65535 bytes")]
+pub struct TooLong;
+
 /// The length field for a message whose type byte and body are `n` bytes.
-fn header(out: &mut Vec<u8>, n: usize) {
+fn header(out: &mut Vec<u8>, n: usize) -> Result<(), TooLong> {
     if n < 255 {
         out.push((n + 1) as u8);
     } else {
-        let total = (n + 3).min(u16::MAX as usize) as u16;
+        let total = u16::try_from(n + 3).map_err(|_| TooLong)?;
         out.push(0x01);
         out.extend_from_slice(&total.to_be_bytes());
     }
+    Ok(())
 }

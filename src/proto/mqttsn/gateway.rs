@@ -35,6 +35,8 @@ pub const OUT_QUEUE: usize = 32;
 pub const MAX_TOPICS: usize = 1024;
 /// The largest MQTT-SN message (3-byte length).
 const MAX_MESSAGE: usize = 65_535;
+/// A REGISTER's bytes besides the topic name: 3-byte length, type, topic id, msg id.
+const REGISTER_OVERHEAD: usize = 8;
 /// PUBLISH overhead with a 3-byte length: length, type, flags, topic id, msg id.
 const PUBLISH_OVERHEAD: usize = 9;
 
@@ -438,7 +440,11 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
             None => m,
         };
         let mut data = Vec::new();
-        codec::encode(&m, &mut data);
+        if codec::encode(&m, &mut data).is_err() {
+            // Callers check sizes first; this is the last guard against a clipped length.
+            self.stats.too_large += 1;
+            return;
+        }
         self.out.push_back(Output::Send {
             to: peer.addr.clone(),
             data,
@@ -1358,6 +1364,17 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                     }
                     let topic = match c.topic_ref(&p.topic, &predefined) {
                         Some(t) => t,
+                        None if p.topic.len() + REGISTER_OVERHEAD > MAX_MESSAGE => {
+                            // Its REGISTER could not carry the name: the message cannot reach
+                            // this client at all.
+                            let Some(Packet::Publish(p)) = c.out.pop_front() else {
+                                break;
+                            };
+                            self.stats.too_large += 1;
+                            self.give_up(conn, &p);
+                            popped = true;
+                            continue;
+                        }
                         None => {
                             let name = p.topic.clone();
                             let Some(topic_id) = c.register(&name) else {
@@ -1447,7 +1464,8 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
             if at <= now {
                 let duration = every.as_secs().min(u16::MAX as u64) as u16;
                 let mut data = Vec::new();
-                codec::encode(
+                // Five bytes: always encodes.
+                let _ = codec::encode(
                     &Message::Advertise {
                         gw_id: self.cfg.gateway_id,
                         duration,

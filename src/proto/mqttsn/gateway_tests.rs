@@ -239,7 +239,7 @@ impl Rig {
 
     fn dgram(&mut self, from: u32, m: Message) {
         let mut data = Vec::new();
-        codec::encode(&m, &mut data);
+        codec::encode(&m, &mut data).unwrap();
         self.gw.handle_datagram(self.now, from, &data, from >= 100);
         self.settle();
     }

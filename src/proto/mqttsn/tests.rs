@@ -230,7 +230,7 @@ fn every_message_type_decodes_from_its_bytes_and_encodes_back() {
     for (m, bytes) in t {
         assert_eq!(decode(&bytes).as_ref(), Ok(&m), "decode {}", m.name());
         let mut out = Vec::new();
-        encode(&m, &mut out);
+        encode(&m, &mut out).unwrap();
         assert_eq!(out, bytes, "encode {}", m.name());
     }
 }
@@ -245,7 +245,7 @@ fn three_byte_length() {
         data,
     };
     let mut out = Vec::new();
-    encode(&m, &mut out);
+    encode(&m, &mut out).unwrap();
     assert_eq!(&out[..3], &[0x01, 0x01, 0x35], "0x01 then 309 as two bytes");
     assert_eq!(out.len(), 309);
     assert_eq!(decode(&out), Ok(m));
@@ -379,7 +379,7 @@ proptest! {
     #[test]
     fn round_trips(m in message()) {
         let mut out = Vec::new();
-        encode(&m, &mut out);
+        encode(&m, &mut out).unwrap();
         prop_assert_eq!(decode(&out), Ok(m));
     }
 
