@@ -136,7 +136,12 @@ pub fn store_config(c: &Config) -> StoreConfig {
             config::WhenFull::DropOldest => store::WhenFull::DropOldest,
             config::WhenFull::Block => store::WhenFull::Block,
         },
-        outbox_share: st.outbox_share,
+        // Without an uplink nothing is ever outboxed: the session queues get the whole store.
+        outbox_share: if c.uplink.is_some() {
+            st.outbox_share
+        } else {
+            0.0
+        },
     }
 }
 

@@ -78,7 +78,10 @@ async fn acknowledged_messages_survive_random_kill_9() {
             .wrapping_add(1442695040888963407);
         Duration::from_millis(40 + (rng >> 33) % 400)
     };
-    let mut o = Outpost::start("");
+    // What is measured is the crash, not the session queue's bound: `max_queued` (1,000 by
+    // default, newest dropped as mosquitto does) must hold the whole run's backlog.
+    const CFG: &str = "[limits]\nmax_queued = 100000000\n";
+    let mut o = Outpost::start(CFG);
     register(o.port, "crash-sub", "crash/#").await;
     let mut acked: BTreeMap<u64, QoS> = BTreeMap::new();
     let mut seq = 0u64;
@@ -97,7 +100,7 @@ async fn acknowledged_messages_survive_random_kill_9() {
         let (got, next) = publisher.await.unwrap();
         acked.extend(got);
         seq = next;
-        o = Outpost::restart(dir, "");
+        o = Outpost::restart(dir, CFG);
     }
     let (present, got) = drain(o.port, "crash-sub", Duration::from_secs(3)).await;
     assert!(
@@ -255,6 +258,35 @@ fn will_of_a_client_connected_at_the_crash_is_published_once() {
         ],
     );
     assert_eq!(got, "wills/dier gone\n", "log:\n{}", o.log());
+}
+
+/// Issue 18: a persistent client's will was published by the graceful shutdown and again by the
+/// restart (its subscribers got it twice). Once is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_of_a_persistent_client_is_published_once_across_a_graceful_restart() {
+    let o = Outpost::start("");
+    register(o.port, "will-watch", "wills/#").await;
+    let mut opts = rumqttc::MqttOptions::new("dier", "127.0.0.1", o.port);
+    opts.set_clean_session(false);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_last_will(rumqttc::LastWill::new(
+        "wills/dier",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (_dier, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+    timeout(Duration::from_secs(10), async {
+        while !matches!(ev.poll().await, Ok(Event::Incoming(Packet::ConnAck(_)))) {}
+    })
+    .await
+    .expect("dier connected");
+    let dir = o.stop();
+    drop(ev);
+    let o = Outpost::restart(dir, "");
+    let (present, got) = drain(o.port, "will-watch", Duration::from_secs(2)).await;
+    assert!(present);
+    assert_eq!(got, ["gone"], "log:\n{}", o.log());
 }
 
 /// A retained QoS 1 message sent on SUBSCRIBE to a persistent session and never acknowledged

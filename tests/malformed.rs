@@ -423,3 +423,47 @@ fn connection_limit() {
         "a freed slot is usable: {bytes:?}"
     );
 }
+
+/// Issue 18: SUBSCRIBE then UNSUBSCRIBE of a 7,000-level filter aborted outpost with a stack
+/// overflow. Now the filter is refused (SUBACK 0x80) and outpost keeps serving; a deep
+/// retained publish is refused too, and a 200-level filter still works.
+#[test]
+fn a_seven_thousand_level_filter_cannot_take_outpost_down() {
+    let o = Outpost::start("");
+    let mut c = o.connect_raw();
+    write(&mut c, &connect(4, "deep"));
+    let mut ack = [0u8; 4];
+    std::io::Read::read_exact(&mut c, &mut ack).expect("CONNACK");
+    let deep = format!("{}#", "/".repeat(7000));
+    let mut sub = vec![0, 1];
+    sub.extend(s(&deep));
+    sub.push(0);
+    write(&mut c, &frame(0x82, &sub));
+    let mut suback = [0u8; 5];
+    std::io::Read::read_exact(&mut c, &mut suback).expect("SUBACK");
+    assert_eq!(suback, [0x90, 3, 0, 1, 0x80], "refused, not taken");
+    let mut unsub = vec![0, 2];
+    unsub.extend(s(&deep));
+    write(&mut c, &frame(0xA2, &unsub));
+    let mut unsuback = [0u8; 4];
+    std::io::Read::read_exact(&mut c, &mut unsuback).expect("UNSUBACK");
+    assert_eq!(unsuback, [0xB0, 2, 0, 2]);
+    // 200 levels are within the default max_topic_levels.
+    let mut ok = vec![0, 3];
+    ok.extend(s(&vec!["l"; 200].join("/")));
+    ok.push(0);
+    write(&mut c, &frame(0x82, &ok));
+    std::io::Read::read_exact(&mut c, &mut suback).expect("SUBACK");
+    assert_eq!(suback, [0x90, 3, 0, 3, 0]);
+    // A deep retained publish closes its connection (3.1.1 has no other reaction)...
+    let mut p = s(&"/".repeat(7000));
+    p.extend(b"x");
+    write(&mut c, &frame(0x31, &p));
+    let (_, closed) = read_until_close(&mut c, Duration::from_secs(5));
+    assert!(closed);
+    // ...and outpost is still there for everyone else.
+    let mut d = o.connect_raw();
+    write(&mut d, &connect(4, "after"));
+    std::io::Read::read_exact(&mut d, &mut ack).expect("CONNACK after the attack");
+    assert_eq!(ack, [0x20, 2, 0, 0], "log:\n{}", o.log());
+}
