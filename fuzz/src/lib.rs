@@ -666,6 +666,14 @@ impl HubRig {
 
 const TOPICS: [&str; 5] = ["a", "a/b", "s/1/t", "$SYS/x", "w/x"];
 const FILTERS: [&str; 6] = ["a", "a/#", "+/+/t", "#", "$share/g/a/b", "w/+"];
+
+/// Issue 18's classes: a topic one level past `max_topic_levels`, a 7,000-level filter.
+fn deep_topic() -> String {
+    vec!["d"; 201].join("/")
+}
+fn deep_filter() -> String {
+    format!("{}#", "/".repeat(7000))
+}
 const CLIENTS: [&str; 4] = ["a", "b", "c", ""];
 
 fn qos(b: u8) -> QoS {
@@ -731,7 +739,10 @@ pub fn hub_machine(data: &[u8]) {
             }
             1 | 2 => {
                 let Some(conn) = slots[slot] else { continue };
-                let filter = FILTERS[(b % 6) as usize].to_string();
+                let filter = match b % 7 {
+                    6 => deep_filter(),
+                    i => FILTERS[i as usize].to_string(),
+                };
                 let packet = if op % 11 == 1 {
                     Packet::Subscribe(Subscribe {
                         packet_id: 1 + (c as u16 >> 4),
@@ -762,7 +773,10 @@ pub fn hub_machine(data: &[u8]) {
                     dup: false,
                     qos: q,
                     retain: c & 32 != 0,
-                    topic: TOPICS[(b % 5) as usize].into(),
+                    topic: match b % 6 {
+                        5 => deep_topic(),
+                        i => TOPICS[i as usize].into(),
+                    },
                     packet_id: if q == QoS::AtMostOnce {
                         0
                     } else {
@@ -894,6 +908,15 @@ pub fn hub_machine(data: &[u8]) {
 /// Sensor addresses; 3 and up may use QoS -1.
 const ADDRS: u32 = 6;
 const SN_TOPICS: [&str; 4] = ["a", "s/1/t", "a/+", "b/#"];
+
+/// A sensor's client id; one of them is the id of the local MQTT user's session, which no
+/// MQTT-SN CONNECT may take (issue 18).
+fn sn_client(b: u8) -> String {
+    match b % 5 {
+        4 => "local".into(),
+        n => format!("s{n}"),
+    }
+}
 
 fn sn_qos(b: u8) -> SnQos {
     [SnQos::Zero, SnQos::One, SnQos::Two, SnQos::MinusOne][(b % 4) as usize]
@@ -1089,7 +1112,7 @@ pub fn sn_machine(data: &[u8]) {
             keep_alive: 0,
             client_id: "local".into(),
             will: None,
-            username: None,
+            username: Some("carol".into()),
             password: None,
             properties: props.into(),
         }),
@@ -1124,7 +1147,7 @@ pub fn sn_machine(data: &[u8]) {
         }
         match op % 14 {
             0 => {
-                r.client_of_addr.insert(addr, vec![format!("s{}", b % 5)]);
+                r.client_of_addr.insert(addr, vec![sn_client(b)]);
                 // A new connection: what the gateway had in flight to the old one is over
                 // (a persistent session resends it, as DUP).
                 r.inflight.remove(&addr);
@@ -1137,7 +1160,7 @@ pub fn sn_machine(data: &[u8]) {
                             ..Flags::default()
                         },
                         duration: [0, 5, 60][(b % 3) as usize],
-                        client_id: format!("s{}", b % 5),
+                        client_id: sn_client(b),
                     },
                 );
             }
@@ -1246,7 +1269,7 @@ pub fn sn_machine(data: &[u8]) {
             }
             10 => {
                 // A PINGREQ naming a client wakes it, from wherever it now is.
-                let client_id = (c & 1 != 0).then(|| format!("s{}", b % 5));
+                let client_id = (c & 1 != 0).then(|| sn_client(b));
                 if let Some(id) = &client_id {
                     r.client_of_addr.entry(addr).or_default().push(id.clone());
                     // A client that exists moves here, and whoever was here is gone.
