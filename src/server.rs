@@ -263,12 +263,21 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
     if let (Some(p), Some(acl)) = (&config.auth.acl_file, &auth.acl) {
         tracing::info!(file = %p.display(), rules = acl.len(), "ACL file loaded");
     }
-    let clock = Clock::new(std::time::Instant::now(), unix_ms());
+    let clock = Clock::new(std::time::Instant::now(), crate::io::clock::unix_ms());
     let hub_cfg = HubConfig {
         acl: auth.acl.clone(),
         ..hub_config(&config)
     };
     let mut hub = Hub::with_store(hub_cfg, Box::new(link), clock);
+    let trust = config.store.trust_clock_after.0;
+    let believed = trust.is_zero() || crate::io::clock::kernel_synced();
+    if !believed {
+        tracing::info!(
+            trust_clock_after = ?trust,
+            "the wall clock is not synchronised yet: nothing expires by age until it is, or until trust_clock_after has passed"
+        );
+    }
+    hub.believe_clock(believed);
     hub.restore(std::time::Instant::now(), restored);
     if let Some(r) = &rules {
         hub.set_uplink_rules(r.outs.clone());
@@ -305,6 +314,7 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
         store: Some(store.clone()),
         gateway_id: gateway.clone(),
         started,
+        trust_clock_after: config.store.trust_clock_after.0,
     };
     let hub_handle = tokio::spawn(hub_task::run(
         hub,
@@ -654,12 +664,4 @@ async fn reload(
         note += &format!("; waiting for a restart: {}", restart.join(", "));
     }
     Ok(note)
-}
-
-/// Wall-clock Unix milliseconds, read once at startup to anchor the hub's clock.
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

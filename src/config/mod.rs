@@ -124,6 +124,10 @@ pub struct StoreSection {
     /// Messages older than this are expired.
     pub max_age: Duration,
     pub when_full: WhenFull,
+    /// How long after start the wall clock is believed even if the kernel never says it is
+    /// synchronised; until then nothing expires by a wall-clock age. "0s" believes it at once
+    /// (a board with a real-time clock); a Pi without one wants minutes.
+    pub trust_clock_after: Duration,
     /// The bridge outbox's share of `max_bytes` and `max_messages`; persistent session queues
     /// get the rest. `drop_oldest` evicts within a share, so an abandoned local session can
     /// never evict the cloud backlog.
@@ -140,6 +144,7 @@ impl Default for StoreSection {
             max_age: Duration(std::time::Duration::from_secs(30 * 86_400)),
             when_full: WhenFull::DropOldest,
             outbox_share: 0.8,
+            trust_clock_after: Duration(std::time::Duration::ZERO),
         }
     }
 }

@@ -33,6 +33,12 @@ impl Clock {
         Clock { mono, unix_ms }
     }
 
+    /// How far `unix_ms`, read from the wall clock at `now`, is from what this clock says:
+    /// positive when the wall clock jumped ahead.
+    pub fn drift(&self, now: Instant, unix_ms: i64) -> i64 {
+        unix_ms - self.unix_ms(now)
+    }
+
     /// Unix milliseconds at `now`.
     pub fn unix_ms(&self, now: Instant) -> i64 {
         match now.checked_duration_since(self.mono) {

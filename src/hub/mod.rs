@@ -100,6 +100,8 @@ pub struct Stats {
     pub refused_sessions: u64,
     /// Subscriptions refused by `max_subscriptions_per_session`.
     pub refused_subscriptions: u64,
+    /// Steps of the wall clock seen (NTP setting a Pi's clock after boot, say).
+    pub clock_steps: u64,
     /// Publishes, wills and filters refused for a topic too deep, or too long once a mount
     /// point or a bridge rule's prefix was added.
     pub bad_topics: u64,
@@ -148,6 +150,10 @@ pub enum HubInput {
     SetWill { conn: ConnId, will: Option<Will> },
     /// A publish that arrived without a connection (MQTT-SN QoS -1): routed at QoS 0.
     Unconnected(Publish),
+    /// The wall clock, read at the input's `now`; `believed` once it is known to be right
+    /// (synchronised, or `trust_clock_after` has passed). A step is logged, the hub's clock
+    /// follows it, and rows stamped under the old reading are moved by the step.
+    WallClock { unix_ms: i64, believed: bool },
     /// A message outpost publishes itself ($SYS): QoS 0, local only.
     System {
         topic: String,
@@ -211,6 +217,9 @@ struct Pending {
 /// How often expired and over-age messages are deleted from the store.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
+/// A wall-clock reading further than this from the hub's clock is a step, not drift.
+const CLOCK_STEP_MS: i64 = 2_000;
+
 /// The router.
 pub struct Hub {
     cfg: HubConfig,
@@ -232,6 +241,11 @@ pub struct Hub {
     next_qos2_gen: u64,
     pending: HashMap<u64, Pending>,
     next_expire: Option<Instant>,
+    /// Whether the wall clock is believed: until it is, nothing is expired by a wall-clock
+    /// age, since an unset clock (a Pi without RTC before NTP) would expire the wrong rows.
+    clock_believed: bool,
+    /// The first row id of this run: rows from here on were stamped with this run's clock.
+    first_row: i64,
     /// Outbound bridge rules; empty when there is no uplink.
     outs: Vec<OutRule>,
 }
@@ -269,8 +283,17 @@ impl Hub {
             next_qos2_gen: 0,
             pending: HashMap::new(),
             next_expire: None,
+            clock_believed: true,
+            first_row: 1,
             outs: Vec::new(),
         }
+    }
+
+    /// Whether the wall clock is believed from the start (`trust_clock_after = "0s"`, or the
+    /// kernel says it is synchronised). Call before `restore`; `HubInput::WallClock` can
+    /// believe it later.
+    pub fn believe_clock(&mut self, believed: bool) {
+        self.clock_believed = believed;
     }
 
     /// A new ACL (or none) from a reload: it applies to every check from now on, deliveries
@@ -305,6 +328,7 @@ impl Hub {
     /// the number of sessions and retained messages, never with the queued backlog.
     pub fn restore(&mut self, now: Instant, r: Restored) {
         let now_ms = self.persist.clock.unix_ms(now);
+        self.first_row = r.max_row + 1;
         if self.persist.durable.is_some() {
             // Expiry keeps its own schedule from the start, whether or not any client ever
             // arms a timer; the first pass runs at once.
@@ -312,9 +336,15 @@ impl Hub {
         }
         self.next_row = r.max_row + 1;
         for st in r.sessions {
+            let mut st = st;
             if st.expires_ms.is_some_and(|e| e <= now_ms) {
-                self.persist.ops.push(Op::SessionDelete(st.client_id));
-                continue;
+                if self.clock_believed {
+                    self.persist.ops.push(Op::SessionDelete(st.client_id));
+                    continue;
+                }
+                // Past its end by a clock nobody vouches for: it gets its whole expiry again
+                // rather than being ended on a wrong date.
+                st.expires_ms = None;
             }
             let id: Arc<str> = Arc::from(st.client_id.as_str());
             let version = match st.version {
@@ -328,6 +358,8 @@ impl Hub {
             s.tail = true;
             s.tail_rows = r.queued.get(&st.client_id).copied().unwrap_or(0);
             s.username = st.username.as_deref().map(Arc::from);
+            // Offline at the stop: its end (and a delayed will) are stored dates.
+            s.wall_deadlines = st.expires_ms.is_some() || st.will_due_ms.is_some();
             // A session that was connected when we stopped starts its expiry now.
             // An offline session's end as stored, brought within `persistent_session_expiry`.
             let latest = (s.expiry != NEVER_EXPIRES).then(|| now_ms + s.expiry as i64 * 1000);
@@ -501,6 +533,7 @@ impl Hub {
                 let mut routed = self.route(now, msg, out);
                 self.persist.ops.append(&mut routed.ops);
             }
+            HubInput::WallClock { unix_ms, believed } => self.on_wall_clock(now, unix_ms, believed),
             HubInput::System {
                 topic,
                 payload,
@@ -561,6 +594,60 @@ impl Hub {
             ..Pending::default()
         };
         self.submit_gated(now, routed.ops, pending, out);
+    }
+
+    /// A reading of the wall clock. A step (more than `CLOCK_STEP` from what the hub's clock
+    /// says) re-anchors the hub's clock, so new stamps are right; rows this run stamped under
+    /// the old reading move by the step, so no age is ever computed across it; and stored
+    /// offline sessions' end dates are written again from their (monotonic) deadlines.
+    fn on_wall_clock(&mut self, now: Instant, unix_ms: i64, believed: bool) {
+        let step = self.persist.clock.drift(now, unix_ms);
+        if step.abs() > CLOCK_STEP_MS {
+            self.stats.clock_steps += 1;
+            tracing::warn!(
+                step_ms = step,
+                believed,
+                "the wall clock stepped; stamps of this run's messages move with it"
+            );
+            self.persist.clock = Clock::new(now, unix_ms);
+            // Deadlines read from stored dates were placed by the old reading: they move
+            // back by the step (a clock that jumps ahead brings them nearer).
+            let shift = Duration::from_millis(step.unsigned_abs());
+            let moved = |t: Instant| {
+                if step > 0 {
+                    t.checked_sub(shift).unwrap_or(now).max(now)
+                } else {
+                    t + shift
+                }
+            };
+            for s in self.sessions.values_mut().filter(|s| s.wall_deadlines) {
+                unschedule(&mut self.timers, s);
+                if let Some(at) = s.expires_at.as_mut() {
+                    *at = moved(*at);
+                    self.timers.insert((*at, s.id.clone()));
+                }
+                if let Some(w) = s.pending_will.as_mut() {
+                    w.due = moved(w.due);
+                    self.timers.insert((w.due, s.id.clone()));
+                }
+            }
+            if self.persist.durable.is_some() {
+                self.persist.ops.push(Op::ClockStep {
+                    delta_ms: step,
+                    from_id: self.first_row,
+                });
+                for s in self.sessions.values().filter(|s| s.stored) {
+                    self.persist
+                        .ops
+                        .push(Op::SessionPut(stored_row(&self.persist.clock, s)));
+                }
+            }
+        }
+        if believed && !self.clock_believed {
+            tracing::info!("the wall clock is believed now; expiry by age begins");
+            self.clock_believed = true;
+            self.next_expire = self.next_expire.map(|_| now);
+        }
     }
 
     /// Replaces a connected session's will; a stored session's row follows, so the will a
@@ -702,6 +789,10 @@ impl Hub {
     pub fn handle_timeout(&mut self, now: Instant, out: &mut dyn Outlet) {
         if self.persist.durable.is_some() {
             match self.next_expire {
+                Some(t) if t <= now && !self.clock_believed => {
+                    // Ages and expiry dates are wall-clock dates: not until the clock is right.
+                    self.next_expire = Some(now + EXPIRE_EVERY);
+                }
                 Some(t) if t <= now => {
                     let now_ms = self.persist.clock.unix_ms(now);
                     self.persist.ops.push(Op::Expire { now_ms });
@@ -959,6 +1050,7 @@ impl Hub {
             .entry(id.clone())
             .or_insert_with(|| Session::new(id.clone(), v));
         unschedule(&mut self.timers, s);
+        s.wall_deadlines = false;
         s.conn = Some(conn);
         s.version = v;
         s.username = c.username.as_deref().map(Arc::from);

@@ -132,6 +132,9 @@ pub struct Session {
     /// outpost's own sessions (serial ports, GPIO) are configured by the same admin who writes
     /// the ACL; they are not bound by it.
     pub acl_exempt: bool,
+    /// `expires_at` and the pending will's `due` came from wall-clock dates in the store (a
+    /// restored offline session): a step of the wall clock moves them too.
+    pub wall_deadlines: bool,
 }
 
 impl Session {
@@ -162,6 +165,7 @@ impl Session {
             awaiting_acks: 0,
             username: None,
             acl_exempt: false,
+            wall_deadlines: false,
         }
     }
 

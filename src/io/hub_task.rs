@@ -154,6 +154,9 @@ pub struct Reporting {
     pub store: Option<Arc<Store>>,
     pub gateway_id: String,
     pub started: Instant,
+    /// `[store] trust_clock_after`: the wall clock is believed this long after start even if
+    /// the kernel never says it is synchronised.
+    pub trust_clock_after: Duration,
 }
 
 impl Reporting {
@@ -164,6 +167,7 @@ impl Reporting {
             store: None,
             gateway_id: String::new(),
             started: Instant::now(),
+            trust_clock_after: Duration::ZERO,
         }
     }
 }
@@ -242,10 +246,7 @@ fn build_report(
         version: env!("CARGO_PKG_VERSION"),
         gateway_id: rep.gateway_id.clone(),
         uptime_s: now.duration_since(rep.started).as_secs(),
-        now_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
+        now_ms: super::clock::unix_ms(),
         clients_mqtt: mqtt,
         clients_mqttsn: sn,
         clients_local: local,
@@ -385,6 +386,11 @@ pub async fn run(
             _ = sleep_until_opt(done.as_ref().map(|d| d.1)) => None,
             _ = status.tick(), if done.is_none() => {
                 systemd::status(&status_line(&hub, &uplink_now));
+                // The wall clock is read again on every tick: NTP may step it long after boot.
+                let believed = rep.started.elapsed() >= rep.trust_clock_after
+                    || super::clock::kernel_synced();
+                let input = HubInput::WallClock { unix_ms: super::clock::unix_ms(), believed };
+                hub.handle(Instant::now().into_std(), input, &mut links);
                 continue;
             }
         };

@@ -1,6 +1,7 @@
 //! Adapters: the only code that touches sockets and devices. Each one reads bytes, hands them to a sans-IO
 //! machine with the current time, and writes what the machine asks for.
 //!
+//! - `clock`: the wall clock (Unix time, and whether the kernel says it is synchronised).
 //! - `control`: the Unix control socket `outpost status` reads the report from.
 //! - `hub_task`: the tokio task that owns the `Hub`, and the bounded links to connections.
 //! - `mqtt_listener`: TCP accept loop and one task per MQTT connection.
@@ -14,6 +15,7 @@
 //! - `tls`: rustls client setup for the uplink.
 //! - `ws`: MQTT over WebSocket for the uplink.
 
+pub mod clock;
 pub mod control;
 pub mod gpio;
 pub mod hub_task;

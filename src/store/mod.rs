@@ -254,6 +254,9 @@ pub enum Op {
     Qos2Delete { client_id: String, packet_id: u16 },
     /// Delete messages past their expiry or older than `max_age`; answers `Expired(n)`.
     Expire { now_ms: i64 },
+    /// The wall clock stepped by `delta_ms`: messages from `from_id` on were stamped under the
+    /// old reading, so their received and expiry stamps move by the step.
+    ClockStep { delta_ms: i64, from_id: i64 },
 }
 
 /// The answer to one `Op`.

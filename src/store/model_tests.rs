@@ -400,3 +400,113 @@ fn migrates_a_version_1_database() {
     let s = store.sessions().unwrap();
     assert_eq!((s[0].client_id.as_str(), s[0].will_due_ms), ("old", None));
 }
+
+fn row(dest: Dest, received_ms: i64) -> NewMessage {
+    NewMessage {
+        dest,
+        topic: "t".into(),
+        payload: Bytes::from_static(b"0123456789"),
+        qos: 1,
+        retain: false,
+        props: Bytes::new(),
+        sub_ids: Bytes::new(),
+        received_ms,
+        expires_ms: Some(received_ms + 1000),
+    }
+}
+
+/// Issue 18: one abandoned local session under `drop_oldest` evicted every acknowledged
+/// cloud-bound row. Each class is full on its own now, and eviction stays in the class.
+#[test]
+fn a_full_session_class_never_evicts_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreConfig {
+            max_messages: 100,
+            outbox_share: 0.8,
+            ..StoreConfig::default()
+        },
+    )
+    .unwrap();
+    let outbox: Vec<Op> = (0..50)
+        .map(|i| Op::Insert {
+            id: None,
+            msg: row(Dest::Outbox("p4".into()), i),
+        })
+        .collect();
+    store.submit_wait(outbox).unwrap();
+    let flood: Vec<Op> = (0..3000)
+        .map(|i| Op::Insert {
+            id: None,
+            msg: row(Dest::Session("abandoned".into()), 100 + i),
+        })
+        .collect();
+    store.submit_wait(flood).unwrap();
+    let t = store.totals();
+    assert_eq!(t.outbox_messages, 50, "the cloud backlog is whole");
+    assert_eq!(
+        t.messages - t.outbox_messages,
+        20,
+        "sessions hold their 20% share"
+    );
+    assert_eq!(t.evicted, 2980);
+    assert_eq!(store.outbox_summary().unwrap().messages, 50);
+    // The outbox's own share fills and evicts its own oldest.
+    let more: Vec<Op> = (0..40)
+        .map(|i| Op::Insert {
+            id: None,
+            msg: row(Dest::Outbox("p4".into()), 5000 + i),
+        })
+        .collect();
+    store.submit_wait(more).unwrap();
+    let t = store.totals();
+    assert_eq!(t.outbox_messages, 80);
+    assert_eq!(t.messages - t.outbox_messages, 20);
+    let oldest = store.read_window(&Dest::Outbox("p4".into()), 0, 1).unwrap();
+    assert_eq!(
+        oldest[0].msg.received_ms, 10,
+        "the outbox's ten oldest went"
+    );
+    store.close();
+    // Per-class totals are rebuilt on open.
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    assert_eq!(store.totals().outbox_messages, 80);
+    assert_eq!(store.totals().messages, 100);
+}
+
+/// Issue 18: after NTP steps the clock, the rows this run stamped under the old reading move
+/// with it, and earlier rows do not.
+#[test]
+fn a_clock_step_moves_this_runs_stamps_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let ins = |id, ms| Op::Insert {
+        id: Some(id),
+        msg: row(Dest::Outbox("p4".into()), ms),
+    };
+    store
+        .submit_wait(vec![ins(1, 1_000), ins(2, 2_000), ins(3, 3_000)])
+        .unwrap();
+    store
+        .submit_wait(vec![Op::ClockStep {
+            delta_ms: 86_400_000,
+            from_id: 2,
+        }])
+        .unwrap();
+    let rows = store
+        .read_window(&Dest::Outbox("p4".into()), 0, 10)
+        .unwrap();
+    let stamps: Vec<_> = rows
+        .iter()
+        .map(|r| (r.msg.received_ms, r.msg.expires_ms))
+        .collect();
+    assert_eq!(
+        stamps,
+        vec![
+            (1_000, Some(2_000)),
+            (86_402_000, Some(86_403_000)),
+            (86_403_000, Some(86_404_000))
+        ]
+    );
+}

@@ -251,6 +251,15 @@ fn apply(
                 .execute(params![client_id, packet_id])?;
             OpResult::Done
         }
+        Op::ClockStep { delta_ms, from_id } => {
+            tx.prepare_cached(
+                "UPDATE messages SET received_ms = received_ms + ?1,
+                                     expires_ms = expires_ms + ?1
+                 WHERE id >= ?2",
+            )?
+            .execute(params![delta_ms, from_id])?;
+            OpResult::Done
+        }
         Op::Expire { now_ms } => {
             let oldest_kept = now_ms - cfg.max_age.as_millis().min(i64::MAX as u128) as i64;
             // Two deletes, each on its own index: an OR across both would scan every row.

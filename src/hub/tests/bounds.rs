@@ -536,3 +536,94 @@ fn a_bridge_prefix_that_overflows_the_topic_keeps_it_out_of_the_outbox() {
     assert_eq!(outboxed, 0);
     assert_eq!(t.hub.stats().bad_topics, 1);
 }
+
+fn expire_ops(store: &ManualStore) -> usize {
+    store
+        .ops()
+        .iter()
+        .filter(|o| matches!(o, crate::store::Op::Expire { .. }))
+        .count()
+}
+
+/// Issue 18: a Pi without a real-time clock reads the wrong date until NTP sets it. Nothing
+/// expires by age until the clock is believed.
+#[test]
+fn nothing_expires_by_age_before_the_clock_is_believed() {
+    let (mut t, store) = durable_hub();
+    t.hub.believe_clock(false);
+    t.hub.restore(t.now, Restored::default());
+    t.advance(Duration::from_secs(1));
+    t.advance(Duration::from_secs(600));
+    assert_eq!(expire_ops(&store), 0);
+    let unix_ms = t.hub.persist.clock.unix_ms(t.now);
+    t.input(HubInput::WallClock {
+        unix_ms,
+        believed: true,
+    });
+    t.advance(Duration::from_millis(1));
+    assert_eq!(
+        expire_ops(&store),
+        1,
+        "expiry starts at once when the clock is believed"
+    );
+}
+
+#[test]
+fn an_offline_session_past_its_end_by_an_unbelieved_clock_is_kept() {
+    let (mut t, store) = durable_hub();
+    t.hub.believe_clock(false);
+    let mut r = Restored::default();
+    r.sessions.push(crate::store::StoredSession {
+        client_id: "old".into(),
+        username: None,
+        version: 4,
+        expiry: 3600,
+        expires_ms: Some(1),
+        will: None,
+        will_due_ms: None,
+    });
+    t.hub.restore(t.now, r);
+    assert_eq!(t.hub.sessions(), 1);
+    assert!(!store
+        .ops()
+        .iter()
+        .any(|o| matches!(o, crate::store::Op::SessionDelete(_))));
+}
+
+#[test]
+fn a_clock_step_is_logged_counted_and_moves_this_runs_rows() {
+    let (mut t, store) = durable_hub();
+    let r = Restored {
+        max_row: 41,
+        ..Restored::default()
+    };
+    t.hub.restore(t.now, r);
+    t.connect(1, Version::V311, "sub", false);
+    subscribe_durable(&mut t, &store, 1, "q");
+    t.close(1, LOST);
+    store.ops();
+    let before = t.hub.persist.clock.unix_ms(t.now);
+    // Small drift is not a step.
+    t.input(HubInput::WallClock {
+        unix_ms: before + 500,
+        believed: true,
+    });
+    assert_eq!(t.hub.stats().clock_steps, 0);
+    // NTP sets the clock a year ahead.
+    let year = 365 * 86_400_000;
+    t.input(HubInput::WallClock {
+        unix_ms: before + year,
+        believed: true,
+    });
+    assert_eq!(t.hub.stats().clock_steps, 1);
+    let ops = store.ops();
+    assert!(ops.iter().any(
+        |o| matches!(o, crate::store::Op::ClockStep { delta_ms, from_id: 42 } if *delta_ms == year)
+    ));
+    assert!(
+        ops.iter()
+            .any(|o| matches!(o, crate::store::Op::SessionPut(s) if s.client_id == "sub")),
+        "the offline session's end is written again under the new clock"
+    );
+    assert_eq!(t.hub.persist.clock.unix_ms(t.now), before + year);
+}
