@@ -303,6 +303,9 @@ impl StoreModel {
         for op in ops {
             match op {
                 Op::Insert { id: Some(id), msg } => {
+                    // No poison row: a topic a prefix pushed past the string limit would go
+                    // out with a clipped length (issue 18).
+                    assert!(msg.topic.len() <= 65_535, "a {}-byte topic was stored", msg.topic.len());
                     self.rows.insert(
                         id,
                         StoredMessage {
@@ -684,6 +687,14 @@ fn qos(b: u8) -> QoS {
 /// a new CONNECT on a slot takes a fresh connection id (the old one is closed first).
 pub fn hub_machine(data: &[u8]) {
     let mut r = HubRig::new();
+    // Everything also goes up, under a prefix that overflows a topic at the string limit.
+    let rules = outpost::bridge::rules::Rules::parse(
+        std::path::Path::new("fuzz.toml"),
+        "[[out]]\nfilter = \"#\"\nremote_prefix = \"cloud/site/\"\nqos = 1\n",
+        "gw",
+    )
+    .expect("the harness's rule compiles");
+    r.hub.set_uplink_rules(rules.outs);
     let mut slots: [Option<ConnId>; 4] = [None; 4];
     let mut next_conn: ConnId = 1;
     for step in data.chunks_exact(4) {
@@ -773,8 +784,10 @@ pub fn hub_machine(data: &[u8]) {
                     dup: false,
                     qos: q,
                     retain: c & 32 != 0,
-                    topic: match b % 6 {
+                    topic: match b % 7 {
                         5 => deep_topic(),
+                        // At the string limit: the bridge's prefix pushes it over.
+                        6 => "t".repeat(65_530),
                         i => TOPICS[i as usize].into(),
                     },
                     packet_id: if q == QoS::AtMostOnce {
