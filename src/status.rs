@@ -129,6 +129,9 @@ pub fn report(i: &Inputs, board: &Board) -> Value {
             "store_full_refused": i.hub.refused_full,
             "acl_denied": i.hub.denied,
             "uplink_qos0": i.uplink_live_dropped,
+            "bad_topic": i.hub.bad_topics,
+            "sessions_refused": i.hub.refused_sessions,
+            "subscriptions_refused": i.hub.refused_subscriptions,
         },
         "store": {
             "messages": i.store.messages,
@@ -137,6 +140,8 @@ pub fn report(i: &Inputs, board: &Board) -> Value {
             "commit_ms_last": ms(i.store.commit_us_last),
             "commit_ms_avg": ms(i.store.commit_us_avg),
             "disk_full": i.store.disk_full,
+            "outbox_messages": i.store.outbox_messages,
+            "clock_steps": i.hub.clock_steps,
         },
         "serial": board.under("serial/"),
         "gpio": board.get("gpio").unwrap_or(Value::Null),
@@ -359,6 +364,7 @@ mod tests {
         i.outbox.oldest_ms = Some(1_000);
         i.drain_per_s = 40.0;
         i.hub.denied = 3;
+        i.hub.bad_topics = 2;
         (i, board)
     }
 
@@ -370,6 +376,7 @@ mod tests {
         assert_eq!(r["backlog"]["eta_s"], 30);
         assert_eq!(r["clients"]["mqttsn_asleep"], 3);
         assert_eq!(r["dropped"]["acl_denied"], 3);
+        assert_eq!(r["dropped"]["bad_topic"], 2);
         let topics: BTreeMap<_, _> = sys_topics(&r).into_iter().collect();
         assert_eq!(topics["$SYS/broker/clients/connected"], "4");
         assert_eq!(topics["$SYS/broker/uptime"], "3725 seconds");

@@ -305,7 +305,11 @@ impl StoreModel {
                 Op::Insert { id: Some(id), msg } => {
                     // No poison row: a topic a prefix pushed past the string limit would go
                     // out with a clipped length (issue 18).
-                    assert!(msg.topic.len() <= 65_535, "a {}-byte topic was stored", msg.topic.len());
+                    assert!(
+                        msg.topic.len() <= 65_535,
+                        "a {}-byte topic was stored",
+                        msg.topic.len()
+                    );
                     self.rows.insert(
                         id,
                         StoredMessage {
