@@ -32,7 +32,7 @@ struct OutToml {
     #[serde(default)]
     remote_prefix: String,
     #[serde(default = "one")]
-    qos: u8,
+    qos: toml::Spanned<u8>,
     #[serde(default)]
     priority: u8,
     #[serde(default = "yes")]
@@ -50,11 +50,12 @@ struct InToml {
     #[serde(default)]
     local_prefix: String,
     #[serde(default = "one")]
-    qos: u8,
+    qos: toml::Spanned<u8>,
 }
 
-fn one() -> u8 {
-    1
+/// QoS 1 when `qos` is not written (no span: it cannot be wrong).
+fn one() -> toml::Spanned<u8> {
+    toml::Spanned::new(0..0, 1)
 }
 
 fn yes() -> bool {
@@ -193,8 +194,10 @@ impl Rules {
             file: path.to_owned(),
             line: text[..span.start.min(text.len())].matches('\n').count() + 1,
         };
-        let qos = |q: u8, span: Range<usize>| {
-            QoS::from_bits(q).ok_or_else(|| at(span, format!("qos must be 0, 1 or 2, not {q}")))
+        // At the `qos` value itself, not at the rule's filter.
+        let qos = |q: &toml::Spanned<u8>| {
+            let v = *q.get_ref();
+            QoS::from_bits(v).ok_or_else(|| at(q.span(), format!("qos must be 0, 1 or 2, not {v}")))
         };
         let mut rules = Rules::default();
         for o in raw.outs {
@@ -212,7 +215,7 @@ impl Rules {
                 ));
             }
             rules.outs.push(OutRule {
-                qos: qos(o.qos, span.clone())?,
+                qos: qos(&o.qos)?,
                 origin: origin(&span),
                 filter,
                 local_prefix,
@@ -232,7 +235,7 @@ impl Rules {
                 return Err(at(span, format!("filter {filter:?} can match topics outside remote_prefix {remote_prefix:?}")));
             }
             rules.ins.push(InRule {
-                qos: qos(i.qos, span.clone())?,
+                qos: qos(&i.qos)?,
                 origin: origin(&span),
                 filter,
                 remote_prefix,
@@ -362,7 +365,11 @@ local_prefix = "cloud/"
         let e = parse("[[out]]\nfilter = \"a\"\nqos = 3\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("qos must be 0, 1 or 2"), "{e}");
+        // Issue 19: it was reported at the filter's line.
+        assert!(
+            e.starts_with("r.toml:3:7: key `qos`: qos must be 0, 1 or 2"),
+            "{e}"
+        );
         let e = parse("[[out]]\nfilter = \"a\"\ncolour = 3\n")
             .unwrap_err()
             .to_string();

@@ -1,6 +1,7 @@
 //! `[[serial]]` sensor ports and `[gpio]` pins: what each device is, how its frames or edges
 //! become messages, and which topics drive it.
 
+use super::spans::{KeyPath, Step};
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -173,21 +174,21 @@ impl SerialPort {
     }
 
     /// The first thing wrong, as (key, message).
-    pub(super) fn problems(&self) -> Option<(&'static str, String)> {
+    pub(super) fn problems(&self) -> Option<(KeyPath, String)> {
         if self.name.is_empty() || self.name.contains(['/', '+', '#', '\0']) {
             return Some((
-                "name",
+                vec![Step::Key("name")],
                 "must be non-empty and free of '/', '+' and '#'".into(),
             ));
         }
         if self.baud == 0 {
-            return Some(("baud", "must be above 0".into()));
+            return Some((vec![Step::Key("baud")], "must be above 0".into()));
         }
         if !(5..=8).contains(&self.data_bits) {
-            return Some(("data_bits", "must be 5, 6, 7 or 8".into()));
+            return Some((vec![Step::Key("data_bits")], "must be 5, 6, 7 or 8".into()));
         }
         if !(1..=2).contains(&self.stop_bits) {
-            return Some(("stop_bits", "must be 1 or 2".into()));
+            return Some((vec![Step::Key("stop_bits")], "must be 1 or 2".into()));
         }
         if self.framing == Framing::MqttSn {
             let extra = self.topic.is_some()
@@ -196,27 +197,27 @@ impl SerialPort {
                 || !self.columns.is_empty();
             if extra {
                 return Some((
-                    "framing",
+                    vec![Step::Key("framing")],
                     "an mqtt-sn port is an MQTT-SN gateway: no topic, write_topic or decode".into(),
                 ));
             }
             return None;
         }
         if self.max_frame.0 == 0 || self.max_frame.0 > u16::MAX as u64 {
-            return Some(("max_frame", "must be from 1B to 65535B".into()));
+            return Some((vec![Step::Key("max_frame")], "must be from 1B to 65535B".into()));
         }
         if self.qos > 2 {
-            return Some(("qos", "must be 0, 1 or 2".into()));
+            return Some((vec![Step::Key("qos")], "must be 0, 1 or 2".into()));
         }
         if self.decode == Decode::Csv && self.columns.is_empty() {
-            return Some(("columns", "csv needs the column names".into()));
+            return Some((vec![Step::Key("columns")], "csv needs the column names".into()));
         }
         if self.decode != Decode::Csv && !self.columns.is_empty() {
-            return Some(("columns", "only csv has columns".into()));
+            return Some((vec![Step::Key("columns")], "only csv has columns".into()));
         }
         let t = match self.template("g") {
             Ok(t) => t,
-            Err(e) => return Some(("topic", e)),
+            Err(e) => return Some((vec![Step::Key("topic")], e)),
         };
         if self.decoder().keyed() != t.has_key() {
             let msg = if t.has_key() {
@@ -224,11 +225,11 @@ impl SerialPort {
             } else {
                 "this decoder gives several values per frame: put {key} in the topic"
             };
-            return Some(("topic", msg.into()));
+            return Some((vec![Step::Key("topic")], msg.into()));
         }
         if let Some(w) = &self.write_topic {
             if let Err(e) = topic::validate_filter(w) {
-                return Some(("write_topic", format!("`{w}`: {e}")));
+                return Some((vec![Step::Key("write_topic")], format!("`{w}`: {e}")));
             }
         }
         None
@@ -346,40 +347,40 @@ pub struct GpioOutput {
 
 impl Gpio {
     /// The first thing wrong, as (key, message).
-    pub(super) fn problems(&self) -> Option<(&'static str, String)> {
+    pub(super) fn problems(&self) -> Option<(KeyPath, String)> {
         if self.backend == GpioBackend::Simulated && self.sim_dir.is_none() {
-            return Some(("backend", "the simulated backend needs `sim_dir`".into()));
+            return Some((vec![Step::Key("backend")], "the simulated backend needs `sim_dir`".into()));
         }
         let mut lines: Vec<(&str, u32)> = Vec::new();
-        for i in &self.input {
+        for (n, i) in self.input.iter().enumerate() {
             if let Err(e) = topic::validate_name(&i.topic) {
-                return Some(("topic", format!("`{}`: {e}", i.topic)));
+                return Some((vec![Step::Key("input"), Step::At(n), Step::Key("topic")], format!("`{}`: {e}", i.topic)));
             }
             if i.qos > 2 {
-                return Some(("qos", "must be 0, 1 or 2".into()));
+                return Some((vec![Step::Key("input"), Step::At(n), Step::Key("qos")], "must be 0, 1 or 2".into()));
             }
             if i.mode == InputMode::Counter && i.interval.0 < std::time::Duration::from_secs(1) {
-                return Some(("interval", "must be at least 1s".into()));
+                return Some((vec![Step::Key("input"), Step::At(n), Step::Key("interval")], "must be at least 1s".into()));
             }
             if i.debounce.0 > std::time::Duration::from_secs(10) {
-                return Some(("debounce", "must be at most 10s".into()));
+                return Some((vec![Step::Key("input"), Step::At(n), Step::Key("debounce")], "must be at most 10s".into()));
             }
             lines.push((&i.chip, i.line));
         }
-        for o in &self.output {
+        for (n, o) in self.output.iter().enumerate() {
             if let Err(e) = topic::validate_filter(&o.topic) {
-                return Some(("topic", format!("`{}`: {e}", o.topic)));
+                return Some((vec![Step::Key("output"), Step::At(n), Step::Key("topic")], format!("`{}`: {e}", o.topic)));
             }
             if let Some(s) = &o.state_topic {
                 if let Err(e) = topic::validate_name(s) {
-                    return Some(("state_topic", format!("`{s}`: {e}")));
+                    return Some((vec![Step::Key("output"), Step::At(n), Step::Key("state_topic")], format!("`{s}`: {e}")));
                 }
             }
             lines.push((&o.chip, o.line));
         }
         for (n, l) in lines.iter().enumerate() {
             if lines[..n].contains(l) {
-                return Some(("line", format!("{} line {} is configured twice", l.0, l.1)));
+                return Some((vec![Step::Key("line")], format!("{} line {} is configured twice", l.0, l.1)));
             }
         }
         None

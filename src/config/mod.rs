@@ -6,6 +6,7 @@
 
 mod devices;
 mod mqttsn;
+pub mod spans;
 mod units;
 mod uplink;
 
@@ -476,46 +477,41 @@ impl Config {
     }
 
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        let at =
-            |needle: &str, msg: String| invalid(path, text, text.find(needle).unwrap_or(0), msg);
+        use spans::Step::{At, Key};
+        let at = |key_path: &[spans::Step], msg: String| {
+            invalid(path, text, spans::locate(text, key_path), msg)
+        };
         let l = &self.limits;
         if l.max_packet_size.0 < 64 || l.max_packet_size.0 > PROTOCOL_MAX_PACKET {
             return Err(at(
-                "max_packet_size",
+                &[Key("limits"), Key("max_packet_size")],
                 format!("must be between 64B and {PROTOCOL_MAX_PACKET}B"),
             ));
         }
         if l.max_keepalive.0.as_secs() > u16::MAX as u64 {
-            return Err(at("max_keepalive", "must be at most 65535s".into()));
+            return Err(at(&[Key("limits"), Key("max_keepalive")], "must be at most 65535s".into()));
         }
         if l.connect_timeout.0.is_zero() {
-            return Err(at("connect_timeout", "must be more than 0s".into()));
+            return Err(at(&[Key("limits"), Key("connect_timeout")], "must be more than 0s".into()));
         }
         if l.max_topic_levels.get() > MAX_TOPIC_LEVELS_CEILING {
             return Err(at(
-                "max_topic_levels",
+                &[Key("limits"), Key("max_topic_levels")],
                 format!("must be at most {MAX_TOPIC_LEVELS_CEILING}"),
             ));
         }
         if l.persistent_session_expiry.0.as_secs() >= u32::MAX as u64 {
             return Err(at(
-                "persistent_session_expiry",
+                &[Key("limits"), Key("persistent_session_expiry")],
                 "must be under 136 years (u32 seconds); 0s keeps sessions for ever".into(),
             ));
         }
         if !(0.0..=1.0).contains(&self.store.outbox_share) || self.store.outbox_share.is_nan() {
-            return Err(at("outbox_share", "must be between 0.0 and 1.0".into()));
+            return Err(at(&[Key("store"), Key("outbox_share")], "must be between 0.0 and 1.0".into()));
         }
         for (i, l) in self.listeners.iter().enumerate() {
-            let kind = format!("\"{}\"", l.kind.name());
-            let kind = kind.as_str();
-            let pos = text.match_indices(kind).nth(
-                self.listeners[..i]
-                    .iter()
-                    .filter(|o| o.kind == l.kind)
-                    .count(),
-            );
-            let here = |msg: &str| invalid(path, text, pos.map_or(0, |(p, _)| p), msg.into());
+            let kind_at = spans::locate_value(text, &[Key("listener"), At(i), Key("kind")]);
+            let here = |msg: &str| invalid(path, text, kind_at, msg.into());
             if let Some(msg) = l.tls_problem() {
                 return Err(here(&msg));
             }
@@ -553,7 +549,7 @@ impl Config {
         }
         for (i, l) in self.listeners.iter().enumerate() {
             let Some(bind) = l.bind else { continue };
-            let pos = key_in_table(text, "[[listener]]", i, "allow_anonymous");
+            let pos = spans::locate(text, &[Key("listener"), At(i), Key("allow_anonymous")]);
             match l.kind {
                 k if k.is_mqtt()
                     && !l.allows_anonymous()
@@ -576,81 +572,51 @@ impl Config {
                 _ => {}
             }
         }
-        if let Some((key, msg)) = self.mqttsn.problems() {
-            let pos = text
-                .find("[mqttsn]")
-                .and_then(|s| text[s..].find(key).map(|k| s + k))
-                .unwrap_or(0);
-            return Err(invalid(path, text, pos, msg));
+        if let Some((key_path, msg)) = self.mqttsn.problems() {
+            return Err(at(&[&[Key("mqttsn")][..], &key_path].concat(), msg));
         }
         for (i, a) in self.listeners.iter().enumerate() {
             let Some(bind) = a.bind else { continue };
             let same = |b: &Listener| b.bind == Some(bind) && b.tcp() == a.tcp();
             if bind.port() != 0 && self.listeners[..i].iter().any(same) {
-                let addr = bind.to_string();
-                let pos = text.match_indices(&addr).nth(1).map_or(0, |(p, _)| p);
-                return Err(invalid(
-                    path,
-                    text,
-                    pos,
-                    format!("{addr} is bound by two listeners"),
-                ));
+                let pos = spans::locate_value(text, &[Key("listener"), At(i), Key("bind")]);
+                return Err(invalid(path, text, pos, format!("{bind} is bound by two listeners")));
             }
         }
         let st = &self.store;
         if st.commit_interval.0 > std::time::Duration::from_secs(1) {
             return Err(at(
-                "commit_interval",
+                &[Key("store"), Key("commit_interval")],
                 "must be at most 1s: acks wait for it".into(),
             ));
         }
         if st.max_messages == 0 || st.max_bytes.0 == 0 {
-            return Err(at("max_messages", "store limits must be above 0".into()));
+            let key = if st.max_messages == 0 { "max_messages" } else { "max_bytes" };
+            return Err(at(&[Key("store"), Key(key)], "store limits must be above 0".into()));
         }
         if let Some(u) = &self.uplink {
-            if let Some((key, msg)) = u.problems() {
-                let pos = text
-                    .find("[uplink]")
-                    .and_then(|s| {
-                        text[s..]
-                            .find(&format!("{key} "))
-                            .or_else(|| text[s..].find(&format!("{key}=")))
-                            .map(|k| s + k)
-                    })
-                    .unwrap_or(0);
-                return Err(invalid(path, text, pos, msg));
+            if let Some((key_path, msg)) = u.problems() {
+                return Err(at(&[&[Key("uplink")][..], &key_path].concat(), msg));
             }
         }
         for (i, p) in self.serial.iter().enumerate() {
-            if let Some((key, msg)) = p.problems() {
-                return Err(invalid(
-                    path,
-                    text,
-                    key_in_table(text, "[[serial]]", i, key),
-                    msg,
-                ));
+            if let Some((key_path, msg)) = p.problems() {
+                return Err(at(&[&[Key("serial"), At(i)][..], &key_path].concat(), msg));
             }
             if self.serial[..i].iter().any(|q| q.name == p.name) {
-                let pos = key_in_table(text, "[[serial]]", i, "name");
-                return Err(invalid(
-                    path,
-                    text,
-                    pos,
+                return Err(at(
+                    &[Key("serial"), At(i), Key("name")],
                     format!("port name `{}` is used twice", p.name),
                 ));
             }
         }
-        if let Some((key, msg)) = self.gpio.problems() {
-            let pos = text
-                .find("gpio")
-                .and_then(|s| text[s..].find(key).map(|k| s + k))
-                .unwrap_or(0);
-            return Err(invalid(path, text, pos, msg));
+        if let Some((key_path, msg)) = self.gpio.problems() {
+            return Err(at(&[&[Key("gpio")][..], &key_path].concat(), msg));
         }
         if let Some(id) = &self.gateway.id {
             if id.is_empty() || id.contains(['/', '+', '#']) {
                 return Err(at(
-                    "id",
+                    &[Key("gateway"), Key("id")],
                     "must be non-empty and free of '/', '+' and '#'".into(),
                 ));
             }
@@ -694,26 +660,6 @@ impl Config {
             _ => PathBuf::from("./outpost-data"),
         }
     }
-}
-
-/// Where `key` is written in the `n`th table headed `header` (`[[serial]]`), or failing that
-/// the header itself.
-fn key_in_table(text: &str, header: &str, n: usize, key: &str) -> usize {
-    let Some((start, _)) = text.match_indices(header).nth(n) else {
-        return 0;
-    };
-    let end = text[start + header.len()..]
-        .find("\n[")
-        .map_or(text.len(), |e| start + header.len() + e);
-    text[start..end]
-        .lines()
-        .scan(start, |at, l| {
-            let here = *at;
-            *at += l.len() + 1;
-            Some((here, l))
-        })
-        .find(|(_, l)| l.trim_start().starts_with(key))
-        .map_or(start, |(at, l)| at + (l.len() - l.trim_start().len()))
 }
 
 /// Builds an error at byte `offset` of `text`, naming the key on that line when there is one.
@@ -981,7 +927,8 @@ initial = "low"
         assert!(e.contains("needs `device`"), "{e}");
         let e = err("[mqttsn]\npredefined = [{ id = 0, topic = \"a\" }]\n");
         assert!(
-            e.starts_with("t.toml:2:1: key `predefined`: id 0 is reserved"),
+            // At the `id` inside the entry, not at the start of the line.
+            e.starts_with("t.toml:2:17: key `predefined`: id 0 is reserved"),
             "{e}"
         );
         let e = err("[mqttsn]\npredefined = [{ id = 3, topic = \"a/#\" }]\n");
@@ -1039,9 +986,18 @@ initial = "low"
         assert!(!closed.listeners[0].allows_anonymous());
         let e = err("this is not toml");
         assert!(e.starts_with("t.toml:1:"), "{e}");
+        // Issue 19: a key's position came from the first match anywhere in the text: a
+        // comment, or `id` inside `client_id`. It is the key's own span now.
+        let e = err("# id = \"x\"\n[uplink]\nurl = \"mqtt://h\"\nclient_id = \"c\"\n[gateway]\nid = \"a/b\"\n");
+        assert!(e.starts_with("t.toml:6:1: key `id`: must be non-empty"), "{e}");
+        let e = err("[store]\n# max_messages here is a comment\nmax_bytes = 0\n");
+        assert!(e.starts_with("t.toml:3:1: key `max_bytes`:"), "{e}");
+        let e = err("[[serial]]\nname = \"a\"\ndevice = \"/dev/x\"\n[[serial]]\nname = \"b\"\ndevice = \"/dev/y\"\nbaud = 0\n");
+        assert!(e.starts_with("t.toml:7:1: key `baud`:"), "{e}");
         let e = err(
             "[[listener]]\nkind=\"mqtt\"\nbind=\"127.0.0.1:5\"\n[[listener]]\nkind=\"mqtt\"\nbind=\"127.0.0.1:5\"\n",
         );
-        assert!(e.starts_with("t.toml:6:7:"), "{e}");
+        // At the value, as the parser's own errors point (the opening quote).
+        assert!(e.starts_with("t.toml:6:6:"), "{e}");
     }
 }

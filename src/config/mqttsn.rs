@@ -1,6 +1,7 @@
 //! `[mqttsn]`: the MQTT-SN gateway's settings, shared by its UDP and serial transports, and the
 //! network lists (`qos_minus_one_from`) it checks sources against.
 
+use super::spans::{KeyPath, Step};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 
@@ -131,29 +132,29 @@ impl<'de> Deserialize<'de> for Network {
 
 impl MqttSn {
     /// The first thing wrong, as (key, message).
-    pub(super) fn problems(&self) -> Option<(&'static str, String)> {
+    pub(super) fn problems(&self) -> Option<(KeyPath, String)> {
         for (i, p) in self.predefined.iter().enumerate() {
             if p.id == 0 || p.id == 0xFFFF {
-                return Some(("predefined", format!("id {} is reserved", p.id)));
+                return Some((vec![Step::Key("predefined"), Step::At(i), Step::Key("id")], format!("id {} is reserved", p.id)));
             }
             if let Err(e) = topic::validate_name(&p.topic) {
-                return Some(("predefined", format!("topic `{}`: {e}", p.topic)));
+                return Some((vec![Step::Key("predefined"), Step::At(i), Step::Key("topic")], format!("topic `{}`: {e}", p.topic)));
             }
             let clash = self.predefined[..i]
                 .iter()
                 .any(|q| q.id == p.id && q.client == p.client);
             if clash {
-                return Some(("predefined", format!("id {} is defined twice", p.id)));
+                return Some((vec![Step::Key("predefined"), Step::At(i), Step::Key("id")], format!("id {} is defined twice", p.id)));
             }
         }
         if self.retry.interval.0.is_zero() {
-            return Some(("retry", "interval must be more than 0s".into()));
+            return Some((vec![Step::Key("retry")], "interval must be more than 0s".into()));
         }
         if let Some(a) = &self.advertise {
             let s = a.interval.0.as_secs();
             if s == 0 || s > u16::MAX as u64 {
                 return Some((
-                    "advertise",
+                    vec![Step::Key("advertise")],
                     "interval must be from 1s to 65535s (ADVERTISE carries it in seconds)".into(),
                 ));
             }

@@ -1,6 +1,7 @@
 //! `[uplink]`: where the cloud broker is and how to reach it. Parsed and checked here; the
 //! bridge turns it into a connection.
 
+use super::spans::{KeyPath, Step};
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -195,36 +196,36 @@ fn default_rules_dir() -> PathBuf {
 
 impl Uplink {
     /// What is wrong with the section, as (key, message).
-    pub(super) fn problems(&self) -> Option<(&'static str, String)> {
+    pub(super) fn problems(&self) -> Option<(KeyPath, String)> {
         if let Err(e) = Url::parse(&self.url) {
-            return Some(("url", e));
+            return Some((vec![Step::Key("url")], e));
         }
         let ka = self.keepalive.0.as_secs();
         if ka == 0 || ka > u16::MAX as u64 {
             return Some((
-                "keepalive",
+                vec![Step::Key("keepalive")],
                 "must be from 1s to 65535s: it is how a dead link is found".into(),
             ));
         }
         if self.session_expiry.0.as_secs() > u32::MAX as u64 {
-            return Some(("session_expiry", "is too long".into()));
+            return Some((vec![Step::Key("session_expiry")], "is too long".into()));
         }
         if self.backoff.min.0.is_zero() || self.backoff.min.0 > self.backoff.max.0 {
-            return Some(("backoff", "needs 0 < min <= max".into()));
+            return Some((vec![Step::Key("backoff")], "needs 0 < min <= max".into()));
         }
         if self.max_inflight == 0 {
-            return Some(("max_inflight", "must be at least 1".into()));
+            return Some((vec![Step::Key("max_inflight")], "must be at least 1".into()));
         }
         if self.client_id.is_empty() {
-            return Some(("client_id", "must not be empty".into()));
+            return Some((vec![Step::Key("client_id")], "must not be empty".into()));
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
-            return Some(("cert_file", "cert_file and key_file go together".into()));
+            return Some((vec![Step::Key("cert_file")], "cert_file and key_file go together".into()));
         }
         let tls = Url::parse(&self.url).is_ok_and(|u| u.scheme.tls());
         if !tls && (self.ca_file.is_some() || self.cert_file.is_some() || !self.alpn.is_empty()) {
             return Some((
-                "url",
+                vec![Step::Key("url")],
                 "TLS files or alpn are set but the URL is not mqtts:// or wss://".into(),
             ));
         }
