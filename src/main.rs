@@ -1,5 +1,7 @@
 //! The `outpost` command: `run`, `check` and `passwd`. The only place that uses `anyhow`.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -77,7 +79,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("outpost: {e:#}");
+            // Not eprintln!: a closed stderr must not turn an error into a panic.
+            let _ = writeln!(std::io::stderr(), "outpost: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -109,9 +112,9 @@ fn status(config: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> anyho
         )
     })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
     } else {
-        print!("{}", outpost::status::human(&report));
+        emit(&outpost::status::human(&report))?;
     }
     Ok(())
 }
@@ -176,29 +179,54 @@ fn passwd(file: &std::path::Path, user: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loads everything a start would (the config, the files it names, TLS, bridge rules) and only
+/// then prints what would run, with "configuration OK" last: an error is never preceded by OK.
 fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
     let source = config
         .as_ref()
         .map_or("embedded defaults".to_owned(), |p| p.display().to_string());
     let c = load(config)?;
-    println!("configuration OK ({source})");
-    println!("gateway id:   {}", c.gateway_id());
-    println!("data dir:     {}", c.data_dir().display());
-    for l in &c.listeners {
+    let mut out = String::new();
+    describe(&c, &mut out)?;
+    writeln!(out, "configuration OK ({source})")?;
+    emit(&out)
+}
+
+/// Writes `text` to stdout. A reader that went away (`outpost check | head`) ends the output
+/// quietly: that is not an error, and never a panic.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// What `check` prints, loading every file on the way.
+fn describe(c: &Config, out: &mut String) -> anyhow::Result<()> {
+    use outpost::config::spans::Step::Key;
+    writeln!(out, "gateway id:   {}", c.gateway_id())?;
+    writeln!(out, "data dir:     {}", c.data_dir().display())?;
+    for (index, l) in c.listeners.iter().enumerate() {
         let anonymous = match l.kind {
             outpost::config::ListenerKind::MqttSnSerial => "",
             _ if l.identity_is_username() => " (client certificate is the login)",
             _ if l.allows_anonymous() => " (anonymous allowed)",
             _ => " (log in required)",
         };
-        println!(
+        writeln!(
+            out,
             "listener:     {} on {}{anonymous}",
             l.kind.name(),
             l.place()
-        );
+        )?;
         if l.kind.is_tls() {
             outpost::io::tls::server_config(l)
-                .map_err(|e| anyhow::anyhow!("listener {}: {e}", l.place()))?;
+                .map_err(|e| anyhow::anyhow!(outpost::server::tls_place(c, index, &e, l)))?;
             let cert = l.cert_file.as_deref().unwrap_or(std::path::Path::new(""));
             let mutual = match (&l.client_ca, l.require_certificate) {
                 (None, _) => String::new(),
@@ -207,10 +235,10 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
                 }
                 (Some(ca), _) => format!(", client certificates required ({})", ca.display()),
             };
-            println!("  tls:        {}{mutual}", cert.display());
+            writeln!(out, "  tls:        {}{mutual}", cert.display())?;
         }
         if let Some(m) = &l.mount_point {
-            println!("  mount_point: {m:?}");
+            writeln!(out, "  mount_point: {m:?}")?;
         }
     }
     let sn_used = c.listeners.iter().any(|l| {
@@ -226,7 +254,8 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
             .iter()
             .map(|n| format!("{}/{}", n.addr, n.prefix))
             .collect();
-        println!(
+        writeln!(
+            out,
             "mqtt-sn:      gateway_id={} predefined={} qos_minus_one_from=[{}] retry={}x{} advertise={} max_clients={}",
             sn.gateway_id,
             sn.predefined.len(),
@@ -237,21 +266,23 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
                 .as_ref()
                 .map_or("off".to_owned(), |a| format!("{} every {}", a.address, a.interval)),
             sn.max_clients
-        );
+        )?;
         for p in &sn.predefined {
-            println!(
+            writeln!(
+                out,
                 "  predefined {} = {}{}",
                 p.id,
                 p.topic,
                 p.client
                     .as_ref()
                     .map_or(String::new(), |c| format!(" (client {c})"))
-            );
+            )?;
         }
     }
     // `framing = "mqtt-sn"` ports are listed above, as the listeners they became.
     for p in c.serial.iter().filter(|p| p.wire().is_some()) {
-        println!(
+        writeln!(
+            out,
             "serial:       {} {} at {} baud {}{}{}: {:?} framing, {:?} decoder -> {} qos={} retain={}{}",
             p.name,
             p.device.display(),
@@ -271,13 +302,14 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
             p.write_topic
                 .as_ref()
                 .map_or(String::new(), |w| format!(", writes from {w}"))
-        );
+        )?;
     }
     let g = &c.gpio;
     if !g.input.is_empty() || !g.output.is_empty() {
-        println!("gpio:         {:?} backend", g.backend);
+        writeln!(out, "gpio:         {:?} backend", g.backend)?;
         for i in &g.input {
-            println!(
+            writeln!(
+                out,
                 "  input  {}:{} {:?} edge={:?} bias={:?} debounce={} -> {} qos={}{}",
                 i.chip,
                 i.line,
@@ -292,10 +324,11 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
                 } else {
                     String::new()
                 }
-            );
+            )?;
         }
         for o in &g.output {
-            println!(
+            writeln!(
+                out,
                 "  output {}:{} <- {} initial={:?}{}",
                 o.chip,
                 o.line,
@@ -304,27 +337,29 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
                 o.state_topic
                     .as_ref()
                     .map_or(String::new(), |s| format!(" state -> {s}"))
-            );
+            )?;
         }
     }
-    let auth = outpost::server::load_auth(&c)?;
+    let auth = outpost::server::load_auth(c).map_err(anyhow::Error::msg)?;
     if let (Some(p), Some(pw)) = (&c.auth.password_file, &auth.passwords) {
-        println!("auth:         {} ({} users)", p.display(), pw.len());
+        writeln!(out, "auth:         {} ({} users)", p.display(), pw.len())?;
     }
     if let (Some(p), Some(acl)) = (&c.auth.acl_file, &auth.acl) {
-        println!("acl:          {} ({} rules)", p.display(), acl.len());
+        writeln!(out, "acl:          {} ({} rules)", p.display(), acl.len())?;
     }
     let l = &c.limits;
-    println!(
+    writeln!(
+        out,
         "limits:       max_connections={} max_packet_size={} max_inflight={} max_queued={} connect_timeout={} max_keepalive={} topic_alias_maximum={}",
         l.max_connections, l.max_packet_size, l.max_inflight, l.max_queued, l.connect_timeout, l.max_keepalive, l.topic_alias_maximum
-    );
+    )?;
     let Some(u) = &c.uplink else {
-        println!("uplink:       none (local-only)");
+        writeln!(out, "uplink:       none (local-only)")?;
         return Ok(());
     };
     let gateway = c.gateway_id();
-    println!(
+    writeln!(
+        out,
         "uplink:       {} as {:?} (MQTT {}), keepalive={} session_expiry={} max_inflight={} backoff={}..{}",
         u.url,
         u.client_id.replace("{gateway_id}", &gateway),
@@ -337,28 +372,38 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
         u.max_inflight,
         u.backoff.min,
         u.backoff.max
-    );
+    )?;
     if u.url().scheme.tls() {
         // Load the files now, so a bad certificate is found here and not at 3 a.m.
-        outpost::io::tls::Connector::new(u, &u.url())
-            .map_err(|e| anyhow::anyhow!("uplink TLS: {e}"))?;
-        println!(
+        outpost::io::tls::Connector::new(u, &u.url()).map_err(|e| {
+            anyhow::anyhow!("{}uplink TLS: {e}", c.place(&[Key("uplink"), Key(e.key)]))
+        })?;
+        writeln!(
+            out,
             "tls:          files load ({})",
             u.ca_file
                 .as_ref()
                 .map_or("system roots".into(), |p| p.display().to_string())
-        );
+        )?;
     }
-    let rules = outpost::bridge::rules::Rules::load_dir(&u.rules_dir, &gateway)
-        .with_context(|| format!("bridge rules in {}", u.rules_dir.display()))?;
-    println!(
+    let rules =
+        outpost::bridge::rules::Rules::load_dir(&u.rules_dir, &gateway).with_context(|| {
+            format!(
+                "{}bridge rules in {}",
+                c.place(&[Key("uplink"), Key("rules_dir")]),
+                u.rules_dir.display()
+            )
+        })?;
+    writeln!(
+        out,
         "rules:        {} ({} out, {} in)",
         u.rules_dir.display(),
         rules.outs.len(),
         rules.ins.len()
-    );
+    )?;
     for r in &rules.outs {
-        println!(
+        writeln!(
+            out,
             "  out  {:<24} {}{{rest}} -> {}{{rest}}  qos={} priority={} retain={}{}  ({})",
             r.filter,
             r.local_prefix,
@@ -368,13 +413,14 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<()> {
             r.retain,
             if r.buffer { " buffer" } else { "" },
             r.origin
-        );
+        )?;
     }
     for r in &rules.ins {
-        println!(
+        writeln!(
+            out,
             "  in   {:<24} {}{{rest}} -> {}{{rest}}  qos={}  ({})",
             r.filter, r.remote_prefix, r.local_prefix, r.qos as u8, r.origin
-        );
+        )?;
     }
     Ok(())
 }

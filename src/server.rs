@@ -72,9 +72,9 @@ pub enum ServerError {
     /// The uplink could not be set up.
     #[error("uplink")]
     Uplink(#[from] crate::io::uplink::UplinkError),
-    /// The password file could not be read or parsed.
-    #[error("auth")]
-    Auth(#[from] crate::auth::AuthError),
+    /// The password or ACL file could not be read or parsed (the message names the key).
+    #[error("{0}")]
+    Auth(String),
     /// A GPIO chip or line could not be set up.
     #[error("GPIO")]
     Gpio(#[source] crate::hw::HwError),
@@ -182,16 +182,37 @@ pub fn hub_config(c: &Config) -> HubConfig {
 
 /// The password and ACL files named in `[auth]`, loaded whole: at start, by `outpost check`,
 /// and again at every reload (where an error keeps the old ones in force).
-pub fn load_auth(c: &Config) -> Result<AuthFiles, crate::auth::AuthError> {
+/// An error names the config key that names the file (`outpost.toml:7:1: key
+/// `password_file`: /etc/outpost/passwd: No such file or directory`).
+pub fn load_auth(c: &Config) -> Result<AuthFiles, String> {
+    use crate::config::spans::Step::Key;
+    let place = |key| c.place(&[Key("auth"), Key(key)]);
     let passwords = match &c.auth.password_file {
-        Some(p) => Some(Arc::new(Passwords::load(p)?)),
+        Some(p) => Some(Arc::new(
+            Passwords::load(p).map_err(|e| format!("{}{e}", place("password_file")))?,
+        )),
         None => None,
     };
     let acl = match &c.auth.acl_file {
-        Some(p) => Some(Arc::new(Acl::load(p)?)),
+        Some(p) => Some(Arc::new(
+            Acl::load(p).map_err(|e| format!("{}{e}", place("acl_file")))?,
+        )),
         None => None,
     };
     Ok(AuthFiles { passwords, acl })
+}
+
+/// A TLS listener's file error with the key that names the file: `outpost.toml:9:1: key
+/// `cert_file`: listener mqtts on 0.0.0.0:8883: cert_file /x: No such file`.
+pub fn tls_place(
+    c: &Config,
+    index: usize,
+    e: &crate::io::tls::TlsError,
+    l: &config::Listener,
+) -> String {
+    use crate::config::spans::Step::{At, Key};
+    let at = c.place(&[Key("listener"), At(index), Key(e.key)]);
+    format!("{at}listener {} on {}: {e}", l.kind.name(), l.place())
 }
 
 /// What `[auth]` loads.
@@ -256,7 +277,7 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
         commit_tx,
         rules.as_ref().map(|_| outbox_wake.clone()),
     );
-    let auth = load_auth(&config)?;
+    let auth = load_auth(&config).map_err(ServerError::Auth)?;
     if let (Some(p), Some(pw)) = (&config.auth.password_file, &auth.passwords) {
         tracing::info!(file = %p.display(), users = pw.len(), "password file loaded");
     }
@@ -377,9 +398,8 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
             kind => {
                 let tls = match kind.is_tls() {
                     true => {
-                        let cfg = crate::io::tls::server_config(l).map_err(|e| {
-                            ServerError::Tls(format!("listener {}: {e}", l.place()))
-                        })?;
+                        let cfg = crate::io::tls::server_config(l)
+                            .map_err(|e| ServerError::Tls(tls_place(&config, index, &e, l)))?;
                         let slot = Arc::new(crate::io::tls::ServerSlot::new(cfg));
                         tls_slots.push((index, slot.clone()));
                         Some(slot)
@@ -579,7 +599,7 @@ async fn reload(
         return Err("running on embedded defaults: there is no file to reload".into());
     };
     let new = Config::load(path).map_err(|e| e.to_string())?;
-    let auth = load_auth(&new).map_err(|e| e.to_string())?;
+    let auth = load_auth(&new)?;
     // Certificates are read again from the files the listeners were started with (renewed in
     // place); a listener that names other files waits for a restart like any listener change.
     let mut certs = Vec::new();
@@ -587,8 +607,7 @@ async fn reload(
         let Some(l) = running.listeners.get(*index) else {
             continue;
         };
-        let cfg =
-            crate::io::tls::server_config(l).map_err(|e| format!("listener {}: {e}", l.place()))?;
+        let cfg = crate::io::tls::server_config(l).map_err(|e| tls_place(&new, *index, &e, l))?;
         certs.push((slot, cfg));
     }
     let gateway = new.gateway_id();

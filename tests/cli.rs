@@ -196,3 +196,65 @@ fn check_prints_the_uplink_and_compiled_rules_and_refuses_bad_ones() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("ca_file /nonexistent/ca.crt"), "{err}");
 }
+
+/// Issue 19: `check` said "configuration OK" and then failed on a missing password file, with
+/// the OS error twice and no position. Everything loads first; the error names the key.
+#[test]
+fn check_loads_every_file_before_saying_ok_and_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.toml");
+    std::fs::write(
+        &p,
+        "# password_file in a comment\n[auth]\nacl_file = \"/nonexistent/acl\"\npassword_file = \"/nonexistent/passwd\"\n",
+    )
+    .unwrap();
+    let o = outpost(&["check", "--config", p.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!out.contains("configuration OK"), "{out}");
+    assert!(
+        err.contains("o.toml:4:1: key `password_file`: /nonexistent/passwd: No such file or directory (os error 2)"),
+        "{err}"
+    );
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    // A TLS listener's missing certificate, at its key.
+    std::fs::write(
+        &p,
+        "[[listener]]\nkind = \"mqtts\"\nbind = \"127.0.0.1:0\"\ncert_file = \"/nonexistent/c.pem\"\nkey_file = \"/nonexistent/k.pem\"\n",
+    )
+    .unwrap();
+    let o = outpost(&["check", "--config", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("o.toml:4:1: key `cert_file`: listener mqtts"),
+        "{err}"
+    );
+    // OK comes last, after everything was loaded.
+    let o = outpost(&["check"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.trim_end()
+            .ends_with("configuration OK (embedded defaults)"),
+        "{out}"
+    );
+}
+
+/// Issue 19: `outpost check | head -1` panicked on the broken pipe.
+#[test]
+fn a_closed_pipe_is_no_panic() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("check")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close our end of stdout before it writes: every write fails with EPIPE.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(o.status.success(), "{err}");
+}

@@ -15,10 +15,11 @@ pub use passwd::Passwords;
 
 #[derive(Debug, Error)]
 pub enum AuthError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        /// The error (shown in the message, so not also a `source`).
+        error: std::io::Error,
     },
     #[error("{path}:{line}: {message}")]
     Invalid {
@@ -37,7 +38,7 @@ fn load_with<T>(
 ) -> Result<T, AuthError> {
     let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     parse(&text).map_err(|(line, message)| AuthError::Invalid {
         path: path.to_owned(),

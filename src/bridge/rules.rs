@@ -156,7 +156,7 @@ impl Rules {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|source| ConfigError::Read {
                 path: dir.to_owned(),
-                source,
+                error: source,
             })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "toml"))
@@ -166,7 +166,7 @@ impl Rules {
         for f in files {
             let text = std::fs::read_to_string(&f).map_err(|source| ConfigError::Read {
                 path: f.clone(),
-                source,
+                error: source,
             })?;
             let r = Rules::parse(&f, &text, gateway_id)?;
             all.outs.extend(r.outs);

@@ -204,13 +204,19 @@ impl SerialPort {
             return None;
         }
         if self.max_frame.0 == 0 || self.max_frame.0 > u16::MAX as u64 {
-            return Some((vec![Step::Key("max_frame")], "must be from 1B to 65535B".into()));
+            return Some((
+                vec![Step::Key("max_frame")],
+                "must be from 1B to 65535B".into(),
+            ));
         }
         if self.qos > 2 {
             return Some((vec![Step::Key("qos")], "must be 0, 1 or 2".into()));
         }
         if self.decode == Decode::Csv && self.columns.is_empty() {
-            return Some((vec![Step::Key("columns")], "csv needs the column names".into()));
+            return Some((
+                vec![Step::Key("columns")],
+                "csv needs the column names".into(),
+            ));
         }
         if self.decode != Decode::Csv && !self.columns.is_empty() {
             return Some((vec![Step::Key("columns")], "only csv has columns".into()));
@@ -349,38 +355,62 @@ impl Gpio {
     /// The first thing wrong, as (key, message).
     pub(super) fn problems(&self) -> Option<(KeyPath, String)> {
         if self.backend == GpioBackend::Simulated && self.sim_dir.is_none() {
-            return Some((vec![Step::Key("backend")], "the simulated backend needs `sim_dir`".into()));
+            return Some((
+                vec![Step::Key("backend")],
+                "the simulated backend needs `sim_dir`".into(),
+            ));
         }
         let mut lines: Vec<(&str, u32)> = Vec::new();
         for (n, i) in self.input.iter().enumerate() {
             if let Err(e) = topic::validate_name(&i.topic) {
-                return Some((vec![Step::Key("input"), Step::At(n), Step::Key("topic")], format!("`{}`: {e}", i.topic)));
+                return Some((
+                    vec![Step::Key("input"), Step::At(n), Step::Key("topic")],
+                    format!("`{}`: {e}", i.topic),
+                ));
             }
             if i.qos > 2 {
-                return Some((vec![Step::Key("input"), Step::At(n), Step::Key("qos")], "must be 0, 1 or 2".into()));
+                return Some((
+                    vec![Step::Key("input"), Step::At(n), Step::Key("qos")],
+                    "must be 0, 1 or 2".into(),
+                ));
             }
             if i.mode == InputMode::Counter && i.interval.0 < std::time::Duration::from_secs(1) {
-                return Some((vec![Step::Key("input"), Step::At(n), Step::Key("interval")], "must be at least 1s".into()));
+                return Some((
+                    vec![Step::Key("input"), Step::At(n), Step::Key("interval")],
+                    "must be at least 1s".into(),
+                ));
             }
             if i.debounce.0 > std::time::Duration::from_secs(10) {
-                return Some((vec![Step::Key("input"), Step::At(n), Step::Key("debounce")], "must be at most 10s".into()));
+                return Some((
+                    vec![Step::Key("input"), Step::At(n), Step::Key("debounce")],
+                    "must be at most 10s".into(),
+                ));
             }
             lines.push((&i.chip, i.line));
         }
         for (n, o) in self.output.iter().enumerate() {
             if let Err(e) = topic::validate_filter(&o.topic) {
-                return Some((vec![Step::Key("output"), Step::At(n), Step::Key("topic")], format!("`{}`: {e}", o.topic)));
+                return Some((
+                    vec![Step::Key("output"), Step::At(n), Step::Key("topic")],
+                    format!("`{}`: {e}", o.topic),
+                ));
             }
             if let Some(s) = &o.state_topic {
                 if let Err(e) = topic::validate_name(s) {
-                    return Some((vec![Step::Key("output"), Step::At(n), Step::Key("state_topic")], format!("`{s}`: {e}")));
+                    return Some((
+                        vec![Step::Key("output"), Step::At(n), Step::Key("state_topic")],
+                        format!("`{s}`: {e}"),
+                    ));
                 }
             }
             lines.push((&o.chip, o.line));
         }
         for (n, l) in lines.iter().enumerate() {
             if lines[..n].contains(l) {
-                return Some((vec![Step::Key("line")], format!("{} line {} is configured twice", l.0, l.1)));
+                return Some((
+                    vec![Step::Key("line")],
+                    format!("{} line {} is configured twice", l.0, l.1),
+                ));
             }
         }
         None

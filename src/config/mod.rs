@@ -13,6 +13,7 @@ mod uplink;
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroUsize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -29,12 +30,12 @@ pub use uplink::{Backoff, Protocol, RateLimit, Scheme, Uplink, Url};
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The error (shown in the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// The file is not valid TOML, or a key or value is wrong.
     #[error("{path}:{line}:{column}: {key}{message}")]
@@ -79,6 +80,10 @@ pub struct Config {
     /// Who may log in.
     #[serde(default)]
     pub auth: Auth,
+    /// The file and text it was read from, so that a problem found later (a file a key names
+    /// does not open) can still say `file:line:col: key`.
+    #[serde(skip)]
+    source: Option<Arc<(PathBuf, String)>>,
 }
 
 /// `[auth]`.
@@ -438,7 +443,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error: source,
         })?;
         Self::parse(path, &text)
     }
@@ -450,6 +455,7 @@ impl Config {
             invalid(path, text, offset, e.message().to_owned())
         })?;
         c.validate(path, text)?;
+        c.source = Some(Arc::new((path.to_owned(), text.to_owned())));
         c.fill_defaults();
         Ok(c)
     }
@@ -489,10 +495,16 @@ impl Config {
             ));
         }
         if l.max_keepalive.0.as_secs() > u16::MAX as u64 {
-            return Err(at(&[Key("limits"), Key("max_keepalive")], "must be at most 65535s".into()));
+            return Err(at(
+                &[Key("limits"), Key("max_keepalive")],
+                "must be at most 65535s".into(),
+            ));
         }
         if l.connect_timeout.0.is_zero() {
-            return Err(at(&[Key("limits"), Key("connect_timeout")], "must be more than 0s".into()));
+            return Err(at(
+                &[Key("limits"), Key("connect_timeout")],
+                "must be more than 0s".into(),
+            ));
         }
         if l.max_topic_levels.get() > MAX_TOPIC_LEVELS_CEILING {
             return Err(at(
@@ -507,7 +519,10 @@ impl Config {
             ));
         }
         if !(0.0..=1.0).contains(&self.store.outbox_share) || self.store.outbox_share.is_nan() {
-            return Err(at(&[Key("store"), Key("outbox_share")], "must be between 0.0 and 1.0".into()));
+            return Err(at(
+                &[Key("store"), Key("outbox_share")],
+                "must be between 0.0 and 1.0".into(),
+            ));
         }
         for (i, l) in self.listeners.iter().enumerate() {
             let kind_at = spans::locate_value(text, &[Key("listener"), At(i), Key("kind")]);
@@ -580,7 +595,12 @@ impl Config {
             let same = |b: &Listener| b.bind == Some(bind) && b.tcp() == a.tcp();
             if bind.port() != 0 && self.listeners[..i].iter().any(same) {
                 let pos = spans::locate_value(text, &[Key("listener"), At(i), Key("bind")]);
-                return Err(invalid(path, text, pos, format!("{bind} is bound by two listeners")));
+                return Err(invalid(
+                    path,
+                    text,
+                    pos,
+                    format!("{bind} is bound by two listeners"),
+                ));
             }
         }
         let st = &self.store;
@@ -591,8 +611,15 @@ impl Config {
             ));
         }
         if st.max_messages == 0 || st.max_bytes.0 == 0 {
-            let key = if st.max_messages == 0 { "max_messages" } else { "max_bytes" };
-            return Err(at(&[Key("store"), Key(key)], "store limits must be above 0".into()));
+            let key = if st.max_messages == 0 {
+                "max_messages"
+            } else {
+                "max_bytes"
+            };
+            return Err(at(
+                &[Key("store"), Key(key)],
+                "store limits must be above 0".into(),
+            ));
         }
         if let Some(u) = &self.uplink {
             if let Some((key_path, msg)) = u.problems() {
@@ -622,6 +649,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `file:line:col: key `k`: ` for the key at `key_path`, to put before an error found
+    /// after loading (a file it names); empty for the embedded defaults.
+    pub fn place(&self, key_path: &[spans::Step]) -> String {
+        let Some(src) = &self.source else {
+            return String::new();
+        };
+        let (path, text) = (&src.0, &src.1);
+        match invalid(path, text, spans::locate(text, key_path), String::new()) {
+            ConfigError::Invalid {
+                path,
+                line,
+                column,
+                key,
+                ..
+            } => format!("{}:{line}:{column}: {key}", path.display()),
+            _ => String::new(),
+        }
     }
 
     /// The gateway id in force: configured, else the hostname.
@@ -989,7 +1035,10 @@ initial = "low"
         // Issue 19: a key's position came from the first match anywhere in the text: a
         // comment, or `id` inside `client_id`. It is the key's own span now.
         let e = err("# id = \"x\"\n[uplink]\nurl = \"mqtt://h\"\nclient_id = \"c\"\n[gateway]\nid = \"a/b\"\n");
-        assert!(e.starts_with("t.toml:6:1: key `id`: must be non-empty"), "{e}");
+        assert!(
+            e.starts_with("t.toml:6:1: key `id`: must be non-empty"),
+            "{e}"
+        );
         let e = err("[store]\n# max_messages here is a comment\nmax_bytes = 0\n");
         assert!(e.starts_with("t.toml:3:1: key `max_bytes`:"), "{e}");
         let e = err("[[serial]]\nname = \"a\"\ndevice = \"/dev/x\"\n[[serial]]\nname = \"b\"\ndevice = \"/dev/y\"\nbaud = 0\n");

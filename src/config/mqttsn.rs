@@ -135,20 +135,32 @@ impl MqttSn {
     pub(super) fn problems(&self) -> Option<(KeyPath, String)> {
         for (i, p) in self.predefined.iter().enumerate() {
             if p.id == 0 || p.id == 0xFFFF {
-                return Some((vec![Step::Key("predefined"), Step::At(i), Step::Key("id")], format!("id {} is reserved", p.id)));
+                return Some((
+                    vec![Step::Key("predefined"), Step::At(i), Step::Key("id")],
+                    format!("id {} is reserved", p.id),
+                ));
             }
             if let Err(e) = topic::validate_name(&p.topic) {
-                return Some((vec![Step::Key("predefined"), Step::At(i), Step::Key("topic")], format!("topic `{}`: {e}", p.topic)));
+                return Some((
+                    vec![Step::Key("predefined"), Step::At(i), Step::Key("topic")],
+                    format!("topic `{}`: {e}", p.topic),
+                ));
             }
             let clash = self.predefined[..i]
                 .iter()
                 .any(|q| q.id == p.id && q.client == p.client);
             if clash {
-                return Some((vec![Step::Key("predefined"), Step::At(i), Step::Key("id")], format!("id {} is defined twice", p.id)));
+                return Some((
+                    vec![Step::Key("predefined"), Step::At(i), Step::Key("id")],
+                    format!("id {} is defined twice", p.id),
+                ));
             }
         }
         if self.retry.interval.0.is_zero() {
-            return Some((vec![Step::Key("retry")], "interval must be more than 0s".into()));
+            return Some((
+                vec![Step::Key("retry")],
+                "interval must be more than 0s".into(),
+            ));
         }
         if let Some(a) = &self.advertise {
             let s = a.interval.0.as_secs();

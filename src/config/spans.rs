@@ -41,9 +41,9 @@ fn find(text: &str, path: &[Step], value: bool) -> usize {
     let mut at = Cursor::Table(doc.as_table());
     for step in path {
         let next = match (step, &at) {
-            (Step::Key(k), Cursor::Table(t)) => t.get_key_value(k).map(|(key, item)| {
-                (key.span().map(|s| s.start), Cursor::Item(item))
-            }),
+            (Step::Key(k), Cursor::Table(t)) => t
+                .get_key_value(k)
+                .map(|(key, item)| (key.span().map(|s| s.start), Cursor::Item(item))),
             (Step::Key(k), Cursor::Item(i)) => i
                 .as_table_like()
                 .and_then(|t| t.get_key_value(k))
@@ -52,13 +52,13 @@ fn find(text: &str, path: &[Step], value: bool) -> usize {
                 .as_inline_table()
                 .and_then(|t| t.get_key_value(k))
                 .map(|(key, item)| (key.span().map(|s| s.start), Cursor::Item(item))),
-            (Step::At(n), Cursor::Item(Item::ArrayOfTables(a))) => {
-                a.get(*n).map(|t| (t.span().map(|s| s.start), Cursor::Table(t)))
-            }
+            (Step::At(n), Cursor::Item(Item::ArrayOfTables(a))) => a
+                .get(*n)
+                .map(|t| (t.span().map(|s| s.start), Cursor::Table(t))),
             (Step::At(n), Cursor::Item(Item::Value(Value::Array(a))))
-            | (Step::At(n), Cursor::Value(Value::Array(a))) => {
-                a.get(*n).map(|v| (v.span().map(|s| s.start), Cursor::Value(v)))
-            }
+            | (Step::At(n), Cursor::Value(Value::Array(a))) => a
+                .get(*n)
+                .map(|v| (v.span().map(|s| s.start), Cursor::Value(v))),
             _ => None,
         };
         let Some((offset, cursor)) = next else {
@@ -104,7 +104,12 @@ mod tests {
             (12, 1)
         );
         assert_eq!(
-            at(&[Step::Key("mqttsn"), Step::Key("predefined"), Step::At(1), Step::Key("id")]),
+            at(&[
+                Step::Key("mqttsn"),
+                Step::Key("predefined"),
+                Step::At(1),
+                Step::Key("id")
+            ]),
             (15, 42)
         );
         // A key that is not written: the table it belongs in.
@@ -113,7 +118,10 @@ mod tests {
             (8, 1)
         );
         assert_eq!(at(&[Step::Key("store"), Step::Key("max_age")]), (1, 1));
-        let v = line_col(text, locate_value(text, &[Step::Key("serial"), Step::At(1), Step::Key("baud")]));
+        let v = line_col(
+            text,
+            locate_value(text, &[Step::Key("serial"), Step::At(1), Step::Key("baud")]),
+        );
         assert_eq!(v, (12, 8));
     }
 }

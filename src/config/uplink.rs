@@ -220,7 +220,10 @@ impl Uplink {
             return Some((vec![Step::Key("client_id")], "must not be empty".into()));
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
-            return Some((vec![Step::Key("cert_file")], "cert_file and key_file go together".into()));
+            return Some((
+                vec![Step::Key("cert_file")],
+                "cert_file and key_file go together".into(),
+            ));
         }
         let tls = Url::parse(&self.url).is_ok_and(|u| u.scheme.tls());
         if !tls && (self.ca_file.is_some() || self.cert_file.is_some() || !self.alpn.is_empty()) {

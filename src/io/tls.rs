@@ -47,23 +47,26 @@ impl ServerSlot {
 }
 
 /// Loads the files an `mqtts` or `wss` listener names. Errors say which file and why.
-pub fn server_config(l: &config::Listener) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(l: &config::Listener) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let (Some(cert), Some(key)) = (&l.cert_file, &l.key_file) else {
-        return Err("a TLS listener needs cert_file and key_file".into());
+        return Err(TlsError::at(
+            "cert_file",
+            "a TLS listener needs cert_file and key_file",
+        ));
     };
     let chain = read_chain("cert_file", cert)?;
     let key = read_key(key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|e| TlsError::at("cert_file", format!("TLS: {e}")))?;
     let builder = match &l.client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in read_chain("client_ca", ca)? {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("client_ca {}: {e}", ca.display()))?;
+                roots.add(c).map_err(|e| {
+                    TlsError::at("client_ca", format!("client_ca {}: {e}", ca.display()))
+                })?;
             }
             let verifier =
                 rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider);
@@ -72,37 +75,105 @@ pub fn server_config(l: &config::Listener) -> Result<Arc<rustls::ServerConfig>, 
             } else {
                 verifier
             };
-            let verifier = verifier
-                .build()
-                .map_err(|e| format!("client_ca {}: {e}", ca.display()))?;
+            let verifier = verifier.build().map_err(|e| {
+                TlsError::at("client_ca", format!("client_ca {}: {e}", ca.display()))
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
     let cfg = builder
         .with_single_cert(chain, key)
-        .map_err(|e| format!("cert_file/key_file: {e}"))?;
+        .map_err(|e| TlsError::at("key_file", format!("cert_file/key_file: {e}")))?;
     Ok(Arc::new(cfg))
 }
 
 /// Every certificate in a PEM file; at least one.
-fn read_chain(what: &str, path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_chain(
+    what: &'static str,
+    path: &std::path::Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect())
-        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+        .map_err(|e| TlsError::at(what, format!("{what} {}: {e}", path.display())))?;
     if chain.is_empty() {
-        return Err(format!("{what} {}: no certificates in it", path.display()));
+        return Err(TlsError::at(
+            what,
+            format!("{what} {}: no certificates in it", path.display()),
+        ));
+    }
+    if what == "cert_file" && chain.first().is_some_and(|c| is_x509_v1(c)) {
+        // rustls peers (and the uplink's own verifier) refuse these at the handshake with an
+        // error nobody can read; OpenSSL peers accept them. Say so now, in plain words.
+        tracing::warn!(file = %path.display(), "{}", V1_ADVICE);
     }
     Ok(chain)
 }
 
-fn read_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, String> {
+fn read_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        format!(
-            "key_file {}: {e} (PKCS#8, PKCS#1 or SEC1 PEM expected)",
-            path.display()
+        TlsError::at(
+            "key_file",
+            format!(
+                "key_file {}: {e} (PKCS#8, PKCS#1 or SEC1 PEM expected)",
+                path.display()
+            ),
         )
     })
+}
+
+/// A TLS file or setting that cannot be used: the config key that names it, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TlsError {
+    /// The key in the listener or `[uplink]` table (`cert_file`, `key_file`, `ca_file`...).
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl TlsError {
+    fn at(key: &'static str, message: impl Into<String>) -> Self {
+        TlsError {
+            key,
+            message: message.into(),
+        }
+    }
+}
+
+/// What to tell someone whose certificate is X.509 version 1.
+pub const V1_ADVICE: &str = "the certificate is X.509 version 1 (as `openssl x509 -req` makes     without extensions, and mosquitto's TLS recipe does); rustls accepts only version 3.     Reissue it with an extension, which makes it v3: `openssl x509 -req -in server.csr -CA ca.crt     -CAkey ca.key -CAcreateserial -days 3650 -out server.crt -extfile <(printf     'subjectAltName=DNS:broker.example.com')`";
+
+/// Whether a DER certificate is X.509 version 1: its TBSCertificate has no `[0]` version field.
+pub fn is_x509_v1(der: &[u8]) -> bool {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] EXPLICIT version OPTIONAL, ...
+    fn header_len(b: &[u8]) -> Option<usize> {
+        let first = *b.get(1)?;
+        Some(if first < 0x80 {
+            2
+        } else {
+            2 + (first & 0x7F) as usize
+        })
+    }
+    let Some(outer) = header_len(der) else {
+        return false;
+    };
+    let Some(tbs) = der.get(outer..) else {
+        return false;
+    };
+    let Some(inner) = header_len(tbs) else {
+        return false;
+    };
+    der.first() == Some(&0x30) && tbs.first() == Some(&0x30) && tbs.get(inner) != Some(&0xA0)
+}
+
+/// A handshake error in plain words where rustls's are not (a version 1 certificate).
+pub fn explain(e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    if text.contains("UnsupportedCertVersion") {
+        format!("{text}: {V1_ADVICE}")
+    } else {
+        text
+    }
 }
 
 /// A ready TLS client configuration for one server.
@@ -113,14 +184,14 @@ pub struct Connector {
 
 impl Connector {
     /// Loads the files `[uplink]` names. Errors say which file and why.
-    pub fn new(c: &config::Uplink, url: &Url) -> Result<Connector, String> {
+    pub fn new(c: &config::Uplink, url: &Url) -> Result<Connector, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         match &c.ca_file {
             Some(path) => {
                 for cert in read_chain("ca_file", path)? {
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                    roots.add(cert).map_err(|e| {
+                        TlsError::at("ca_file", format!("ca_file {}: {e}", path.display()))
+                    })?;
                 }
             }
             None => {
@@ -130,17 +201,17 @@ impl Connector {
                 }
                 let (added, _) = roots.add_parsable_certificates(found.certs);
                 if added == 0 {
-                    return Err(
-                        "no ca_file given and no system CA certificates found (install ca-certificates)"
-                            .into(),
-                    );
+                    return Err(TlsError::at(
+                        "ca_file",
+                        "no ca_file given and no system CA certificates found (install ca-certificates)",
+                    ));
                 }
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
+            .map_err(|e| TlsError::at("url", format!("TLS: {e}")))?
             .with_root_certificates(roots);
         let mut cfg = match (&c.cert_file, &c.key_file) {
             (Some(cert), Some(key)) => {
@@ -148,14 +219,14 @@ impl Connector {
                 let key = read_key(key)?;
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("cert_file/key_file: {e}"))?
+                    .map_err(|e| TlsError::at("key_file", format!("cert_file/key_file: {e}")))?
             }
             _ => builder.with_no_client_auth(),
         };
         cfg.alpn_protocols = c.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
         let host = c.server_name.clone().unwrap_or_else(|| url.host.clone());
         let name = ServerName::try_from(host.clone())
-            .map_err(|e| format!("server name {host:?}: {e}"))?
+            .map_err(|e| TlsError::at("server_name", format!("server name {host:?}: {e}")))?
             .to_owned();
         Ok(Connector {
             inner: TlsConnector::from(Arc::new(cfg)),

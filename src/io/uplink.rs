@@ -58,10 +58,11 @@ pub const STATE_TOPIC: &str = "$SYS/outpost/uplink/state";
 #[derive(Debug, Error)]
 pub enum UplinkError {
     /// The password file could not be read.
-    #[error("password_file {path}: {source}")]
+    #[error("password_file {path}: {error}")]
     Password {
         path: PathBuf,
-        source: std::io::Error,
+        /// The error (shown in the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// TLS settings are unusable.
     #[error("{0}")]
@@ -181,7 +182,7 @@ pub fn start(
         Some(p) => {
             let text = std::fs::read(p).map_err(|source| UplinkError::Password {
                 path: p.clone(),
-                source,
+                error: source,
             })?;
             let end = text
                 .iter()
@@ -193,7 +194,7 @@ pub fn start(
     };
     let url = c.url();
     let tls = if url.scheme.tls() {
-        Some(super::tls::Connector::new(c, &url).map_err(UplinkError::Tls)?)
+        Some(super::tls::Connector::new(c, &url).map_err(|e| UplinkError::Tls(e.to_string()))?)
     } else {
         None
     };

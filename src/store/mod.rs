@@ -47,12 +47,12 @@ pub enum StoreError {
     #[error("disk full: batch rolled back")]
     DiskFull,
     /// The data directory could not be created or opened.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The path.
         path: PathBuf,
-        /// The error.
-        source: std::io::Error,
+        /// The error (shown in the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// The writer thread is gone (shutdown, or it failed).
     #[error("store writer has stopped")]
@@ -360,7 +360,7 @@ impl Store {
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             path: dir.to_owned(),
-            source,
+            error: source,
         })?;
         let path = dir.join("outpost.db");
         let mut w = open_conn(
@@ -396,7 +396,7 @@ impl Store {
             .spawn(move || writer::run(w, rx, cfg, t))
             .map_err(|source| StoreError::Io {
                 path: path.clone(),
-                source,
+                error: source,
             })?;
         Ok(Store {
             tx: Some(tx),
