@@ -401,6 +401,13 @@ fn describe(c: &Config, out: &mut String) -> anyhow::Result<()> {
         rules.outs.len(),
         rules.ins.len()
     )?;
+    if rules.outs.is_empty() {
+        writeln!(
+            out,
+            "warning:      no [[out]] rules in {}: nothing local goes to the cloud",
+            u.rules_dir.display()
+        )?;
+    }
     for r in &rules.outs {
         writeln!(
             out,

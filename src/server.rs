@@ -266,6 +266,11 @@ pub async fn run(config: Config, source: Option<PathBuf>) -> Result<(), ServerEr
         Some(u) => Some(Rules::load_dir(&u.rules_dir, &gateway)?),
         None => None,
     };
+    if let (Some(u), Some(r)) = (&config.uplink, &rules) {
+        if r.outs.is_empty() {
+            tracing::warn!(rules_dir = %u.rules_dir.display(), "no [[out]] rules: nothing local goes to the cloud");
+        }
+    }
     let started_rules = rules.as_ref().map(|r| StartedRules {
         priorities: r.outs.iter().map(|o| o.priority).collect(),
         ins: r.ins.clone(),

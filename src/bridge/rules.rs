@@ -190,6 +190,9 @@ impl Rules {
         let at = |span: Range<usize>, msg: String| -> RuleError {
             config::invalid(path, text, span.start, msg).into()
         };
+        let known = |span: Range<usize>, s: &str| {
+            config::placeholders(s, &["gateway_id"]).map_err(|e| at(span, e))
+        };
         let origin = |span: &Range<usize>| Origin {
             file: path.to_owned(),
             line: text[..span.start.min(text.len())].matches('\n').count() + 1,
@@ -202,6 +205,9 @@ impl Rules {
         let mut rules = Rules::default();
         for o in raw.outs {
             let span = o.filter.span();
+            for s in [o.filter.get_ref(), &o.local_prefix, &o.remote_prefix] {
+                known(span.clone(), s)?;
+            }
             let filter = sub(o.filter.get_ref());
             topic::validate_filter(&filter)
                 .map_err(|e| at(span.clone(), format!("bad filter {filter:?}: {e}")))?;
@@ -227,6 +233,9 @@ impl Rules {
         }
         for i in raw.ins {
             let span = i.filter.span();
+            for s in [i.filter.get_ref(), &i.remote_prefix, &i.local_prefix] {
+                known(span.clone(), s)?;
+            }
             let filter = sub(i.filter.get_ref());
             topic::validate_filter(&filter)
                 .map_err(|e| at(span.clone(), format!("bad filter {filter:?}: {e}")))?;
@@ -365,6 +374,10 @@ local_prefix = "cloud/"
         let e = parse("[[out]]\nfilter = \"a\"\nqos = 3\n")
             .unwrap_err()
             .to_string();
+        let e = parse("[[out]]\nfilter = \"a/#\"\nremote_prefix = \"sites/{site_id}/\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown placeholder `{site_id}`"), "{e}");
         // Issue 19: it was reported at the filter's line.
         assert!(
             e.starts_with("r.toml:3:7: key `qos`: qos must be 0, 1 or 2"),

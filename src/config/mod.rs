@@ -448,8 +448,11 @@ impl Config {
         Self::parse(path, &text)
     }
 
-    /// Parses and validates `text`, reporting errors against `path`.
+    /// Parses and validates `text`, reporting errors against `path`. A leading byte-order mark
+    /// (Windows editors write one) is not part of the document: left in, it became part of
+    /// the first key's name.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut c: Config = toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
             invalid(path, text, offset, e.message().to_owned())
@@ -640,6 +643,12 @@ impl Config {
         if let Some((key_path, msg)) = self.gpio.problems() {
             return Err(at(&[&[Key("gpio")][..], &key_path].concat(), msg));
         }
+        if self.gateway.data_dir.as_deref() == Some(Path::new("")) {
+            return Err(at(
+                &[Key("gateway"), Key("data_dir")],
+                "must not be empty: leave it out for the default ($STATE_DIRECTORY under systemd, else ./outpost-data)".into(),
+            ));
+        }
         if let Some(id) = &self.gateway.id {
             if id.is_empty() || id.contains(['/', '+', '#']) {
                 return Err(at(
@@ -706,6 +715,28 @@ impl Config {
             _ => PathBuf::from("./outpost-data"),
         }
     }
+}
+
+/// Checks that `s` uses only the `{placeholders}` in `allowed`: an unknown one would be sent
+/// as it is written (a client id `{site}` is probably not meant).
+pub fn placeholders(s: &str, allowed: &[&str]) -> Result<(), String> {
+    let mut rest = s;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            return Err(format!("unclosed `{{` in {s:?}"));
+        };
+        let name = &after[..close];
+        if !allowed.contains(&name) {
+            let known: Vec<String> = allowed.iter().map(|a| format!("{{{a}}}")).collect();
+            return Err(format!(
+                "unknown placeholder `{{{name}}}` in {s:?}: only {} is substituted here",
+                known.join(", ")
+            ));
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
 }
 
 /// Builds an error at byte `offset` of `text`, naming the key on that line when there is one.
@@ -1048,5 +1079,28 @@ initial = "low"
         );
         // At the value, as the parser's own errors point (the opening quote).
         assert!(e.starts_with("t.toml:6:6:"), "{e}");
+        // Issue 19: accepted before, and wrong.
+        let e = err("[uplink]\nurl = \"mqtt://h\"\nclient_id = \"{site}-1\"\n");
+        assert!(
+            e.starts_with("t.toml:3:1: key `client_id`: unknown placeholder `{site}`"),
+            "{e}"
+        );
+        let e = err("[uplink]\nurl = \"mqtts://site:secret@cloud:8883\"\n");
+        assert!(
+            e.contains("key `url`") && e.contains("`username` and `password_file`"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"), "the password is not echoed: {e}");
+        let e = err("[gateway]\ndata_dir = \"\"\n");
+        assert!(
+            e.starts_with("t.toml:2:1: key `data_dir`: must not be empty"),
+            "{e}"
+        );
+        // A byte-order mark is not part of the first key.
+        let e = err("\u{feff}[limits]\nmax_inflight = 0\n");
+        assert!(e.starts_with("t.toml:2:16: key `max_inflight`:"), "{e}");
+        let e = err("\u{feff}max_inflight = 0\n");
+        assert!(e.starts_with("t.toml:1:1: key `max_inflight`:"), "{e}");
+        assert!(parse("\u{feff}[gateway]\nid = \"a\"\n").is_ok());
     }
 }

@@ -59,6 +59,12 @@ impl Url {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
+        if authority.contains('@') {
+            return Err(
+                "credentials in the URL are not used (and would show in logs): write `username` and `password_file` in [uplink] instead"
+                    .into(),
+            );
+        }
         if !path.is_empty() && !matches!(scheme, Scheme::Ws | Scheme::Wss) {
             return Err(format!("an {} URL has no path", scheme_name(scheme)));
         }
@@ -218,6 +224,9 @@ impl Uplink {
         }
         if self.client_id.is_empty() {
             return Some((vec![Step::Key("client_id")], "must not be empty".into()));
+        }
+        if let Err(e) = super::placeholders(&self.client_id, &["gateway_id"]) {
+            return Some((vec![Step::Key("client_id")], e));
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
             return Some((
