@@ -371,13 +371,13 @@ local_prefix = "cloud/"
             e.starts_with("r.toml:2:10: key `filter`: bad filter"),
             "{e}"
         );
-        let e = parse("[[out]]\nfilter = \"a\"\nqos = 3\n")
-            .unwrap_err()
-            .to_string();
         let e = parse("[[out]]\nfilter = \"a/#\"\nremote_prefix = \"sites/{site_id}/\"\n")
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown placeholder `{site_id}`"), "{e}");
+        let e = parse("[[out]]\nfilter = \"a\"\nqos = 3\n")
+            .unwrap_err()
+            .to_string();
         // Issue 19: it was reported at the filter's line.
         assert!(
             e.starts_with("r.toml:3:7: key `qos`: qos must be 0, 1 or 2"),
