@@ -258,3 +258,22 @@ fn a_closed_pipe_is_no_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(o.status.success(), "{err}");
 }
+
+/// Issue 19: a data directory over ~95 bytes put the control socket past the Unix path limit,
+/// and outpost refused to start. It starts, and `outpost status` finds the same socket.
+#[test]
+fn a_long_data_dir_still_gets_a_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join(format!("{}/data", "d".repeat(120)));
+    let o = Outpost::start_in_data(dir, &data, "");
+    let cfg = o.dir.path().join("outpost.toml");
+    let st = outpost(&["status", "--config", cfg.to_str().unwrap(), "--json"]);
+    let out = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        st.status.success(),
+        "{}\nlog:\n{}",
+        String::from_utf8_lossy(&st.stderr),
+        o.log()
+    );
+    assert!(out.contains("\"uptime_s\""), "{out}");
+}

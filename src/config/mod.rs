@@ -422,6 +422,9 @@ impl Default for Limits {
     }
 }
 
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
 /// Deeper than this, walking a topic's levels could exhaust a thread's stack.
 pub const MAX_TOPIC_LEVELS_CEILING: usize = 1000;
 
@@ -643,6 +646,14 @@ impl Config {
         if let Some((key_path, msg)) = self.gpio.problems() {
             return Err(at(&[&[Key("gpio")][..], &key_path].concat(), msg));
         }
+        if let Some(p) = &self.gateway.control_socket {
+            if p.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(at(
+                    &[Key("gateway"), Key("control_socket")],
+                    format!("is {} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}: choose a shorter one, or leave it out", p.as_os_str().len()),
+                ));
+            }
+        }
         if self.gateway.data_dir.as_deref() == Some(Path::new("")) {
             return Err(at(
                 &[Key("gateway"), Key("data_dir")],
@@ -691,17 +702,36 @@ impl Config {
             .unwrap_or_else(|| "outpost".into())
     }
 
-    /// The control socket in force.
+    /// The control socket in force. A Unix socket's path holds at most `MAX_SOCKET_PATH`
+    /// bytes: when the default place (`$RUNTIME_DIRECTORY`, else the data directory) is
+    /// longer, the socket goes to a short name of its own in `$XDG_RUNTIME_DIR` or the
+    /// temporary directory, the same for the daemon and for `outpost status`.
     pub fn control_socket(&self) -> PathBuf {
         if let Some(p) = &self.gateway.control_socket {
             return p.clone();
         }
-        match std::env::var("RUNTIME_DIRECTORY") {
+        let preferred = match std::env::var("RUNTIME_DIRECTORY") {
             Ok(s) if !s.is_empty() => {
                 PathBuf::from(s.split(':').next().unwrap_or(&s)).join("control.sock")
             }
             _ => self.data_dir().join("control.sock"),
+        };
+        if preferred.as_os_str().len() <= MAX_SOCKET_PATH {
+            return preferred;
         }
+        let dir = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.is_absolute() && d.as_os_str().len() < 64)
+            .unwrap_or_else(std::env::temp_dir);
+        // FNV-1a of the data directory: stable across runs and builds, one socket per site.
+        let hash = preferred
+            .as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        dir.join(format!("outpost-{hash:016x}.sock"))
     }
 
     /// The data directory in force.
