@@ -245,3 +245,51 @@ fn full_disk_refuses_loses_nothing_and_recovers() {
         .unwrap();
     assert_eq!(check, "ok");
 }
+
+/// Issue 19: a read-only `outpost.db` started READY and then refused every QoS 1/2 with 0x97.
+/// It fails at start now, naming the file; a missing database beside a leftover `-wal` is
+/// named in a warning.
+#[test]
+fn a_read_only_database_is_refused_at_start_and_a_lone_wal_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let o = Outpost::start_in_data(tempfile::tempdir().expect("tempdir"), &data, "");
+    let cfg = o.dir.path().join("outpost.toml");
+    let mut o = o;
+    o.terminate();
+    let db = data.join("outpost.db");
+    // A read-only bind mount of the file alone: root cannot write it either.
+    let bind = |args: &[&str]| {
+        Command::new("mount")
+            .args(args)
+            .arg(&db)
+            .arg(&db)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !bind(&["--bind"]) {
+        eprintln!("skipped: cannot bind-mount (not root?)");
+        return;
+    }
+    let ro = bind(&["-o", "remount,ro,bind"]);
+    let run = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    let _ = Command::new("umount").arg(&db).status();
+    assert!(ro, "remount read-only");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(err.contains("outpost.db is read-only"), "{err}");
+    // The database gone, its WAL left behind.
+    std::fs::remove_file(&db).expect("remove db");
+    std::fs::write(data.join("outpost.db-wal"), vec![1u8; 4096]).expect("wal");
+    let o = Outpost::start_in_data(tempfile::tempdir().expect("tempdir"), &data, "");
+    assert!(
+        o.log()
+            .contains("a write-ahead log is here but its database is missing"),
+        "{}",
+        o.log()
+    );
+}

@@ -54,6 +54,13 @@ pub enum StoreError {
         /// The error (shown in the message, so not also a `source`).
         error: std::io::Error,
     },
+    /// The database file cannot be written (a read-only file or mount): refused at start,
+    /// rather than refusing every QoS 1/2 message afterwards.
+    #[error("{path} is read-only: outpost must be able to write its store (check its owner and mode, and the mount)")]
+    ReadOnly {
+        /// The database file.
+        path: PathBuf,
+    },
     /// The writer thread is gone (shutdown, or it failed).
     #[error("store writer has stopped")]
     Stopped,
@@ -363,10 +370,14 @@ impl Store {
             error: source,
         })?;
         let path = dir.join("outpost.db");
+        warn_about_leftovers(&path);
         let mut w = open_conn(
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         )?;
+        if w.is_readonly(rusqlite::MAIN_DB)? {
+            return Err(StoreError::ReadOnly { path });
+        }
         w.pragma_update(None, "journal_mode", "WAL")?;
         let sync = match cfg.synchronous {
             Synchronous::Full => "FULL",
@@ -617,6 +628,30 @@ impl Store {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
+    }
+}
+
+/// A `-wal` without its database (deleted, or truncated to nothing) cannot be replayed: the
+/// store starts empty. Say so, naming what was found, rather than starting without a word.
+fn warn_about_leftovers(db: &Path) {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = PathBuf::from(wal);
+    let Ok(w) = std::fs::metadata(&wal) else {
+        return;
+    };
+    if w.len() == 0 {
+        return;
+    }
+    let db_len = std::fs::metadata(db).map(|m| m.len()).ok();
+    if db_len.unwrap_or(0) == 0 {
+        tracing::warn!(
+            wal = %wal.display(),
+            wal_bytes = w.len(),
+            database = %db.display(),
+            found = if db_len.is_none() { "missing" } else { "empty" },
+            "a write-ahead log is here but its database is missing or empty: what it held cannot be recovered, and the store starts empty"
+        );
     }
 }
 
