@@ -166,6 +166,8 @@ async fn handshake<T>(
     match tokio::time::timeout(limit, f).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(error)) => {
+            // A client certificate that is X.509 v1 gets plain words, not rustls's enum.
+            let error = super::tls::explain(&error);
             tracing::info!(%peer, %error, "{what} handshake failed");
             None
         }

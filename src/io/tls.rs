@@ -239,3 +239,50 @@ impl Connector {
         self.inner.connect(self.name.clone(), tcp).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 19: what mosquitto's TLS recipe makes (`openssl x509 -req`, no extensions) is a
+    /// version 1 certificate. openssl makes both here; the test is skipped without it.
+    #[test]
+    fn version_1_certificates_are_recognised_and_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !run(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "k.pem", "-subj", "/CN=x", "-out",
+            "x.csr",
+        ]) {
+            eprintln!("skipped: no openssl");
+            return;
+        }
+        assert!(run(&[
+            "x509", "-req", "-in", "x.csr", "-signkey", "k.pem", "-days", "2", "-out", "v1.pem"
+        ]));
+        assert!(run(&[
+            "req", "-x509", "-key", "k.pem", "-subj", "/CN=x", "-days", "2", "-out", "v3.pem"
+        ]));
+        let der = |f: &str| {
+            read_chain("cert_file", &dir.path().join(f))
+                .unwrap()
+                .remove(0)
+        };
+        assert!(is_x509_v1(&der("v1.pem")));
+        assert!(!is_x509_v1(&der("v3.pem")));
+        assert!(!is_x509_v1(&[0x30]), "short input is no panic and no v1");
+        let e = "invalid peer certificate: Other(OtherError(UnsupportedCertVersion))";
+        let said = explain(&e);
+        assert!(
+            said.contains("X.509 version 1") && said.contains("-extfile"),
+            "{said}"
+        );
+        assert_eq!(explain(&"connection refused"), "connection refused");
+    }
+}

@@ -390,10 +390,9 @@ impl Driver {
                 ),
                 None => Ok(Box::new(tcp) as Box<dyn Stream>),
                 Some(c) => {
-                    let tls = c
-                        .connect(tcp)
-                        .await
-                        .map_err(|e| format!("TLS handshake with {target}: {e}"))?;
+                    let tls = c.connect(tcp).await.map_err(|e| {
+                        format!("TLS handshake with {target}: {}", super::tls::explain(&e))
+                    })?;
                     if ws {
                         Ok(
                             Box::new(ws::connect(tls, true, &host, port, &path, max).await?)
