@@ -277,3 +277,29 @@ fn a_long_data_dir_still_gets_a_control_socket() {
     );
     assert!(out.contains("\"uptime_s\""), "{out}");
 }
+
+/// Issue 19: connects and disconnects were only at DEBUG, as Debug text. Now one human line
+/// each at INFO, as mosquitto's connection_messages.
+#[test]
+fn connects_and_disconnects_are_one_human_line_each() {
+    use std::io::{Read, Write};
+    let o = Outpost::start("");
+    let mut s = o.connect_raw();
+    s.write_all(&common::raw::connect(4, "pump-7")).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    s.write_all(&[0xE0, 0]).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !o.log().contains("\"pump-7\" disconnected") && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    let log = o.log();
+    assert!(
+        log.contains("new client connected from 127.0.0.1:")
+            && log.contains("as \"pump-7\" (MQTT 3.1.1, clean, keep-alive 60s)"),
+        "{log}"
+    );
+    assert!(log.contains("client \"pump-7\" disconnected"), "{log}");
+}

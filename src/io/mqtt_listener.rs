@@ -198,6 +198,7 @@ async fn connection<S>(
         wake: None,
     };
     let attached = std::sync::atomic::AtomicBool::new(false);
+    let client = std::sync::Mutex::new(None::<String>);
     let mut reader = Box::pin(read_loop(
         rd.as_mut(),
         peer,
@@ -207,6 +208,7 @@ async fn connection<S>(
         identity,
         link,
         &attached,
+        &client,
     ));
     let writer = write_loop(wr, rx, state, conn, shared, front.mount.as_ref());
     tokio::pin!(writer);
@@ -214,6 +216,13 @@ async fn connection<S>(
         r = &mut reader => Some(r),
         _ = &mut writer => None,
     };
+    let id = client.lock().ok().and_then(|mut c| c.take());
+    if let Some(id) = id {
+        match &closed {
+            Some((reason, _)) => tracing::info!(%peer, client = %id, "client {id:?} {reason}"),
+            None => tracing::info!(%peer, client = %id, "client {id:?} closed by outpost"),
+        }
+    }
     match closed {
         Some((reason, notify)) if attached.load(Ordering::Relaxed) => {
             // The hub closes the link after what it already queued, then our DISCONNECT.
@@ -296,6 +305,7 @@ async fn read_loop(
     identity: Option<String>,
     link: Link,
     attached: &std::sync::atomic::AtomicBool,
+    client: &std::sync::Mutex<Option<String>>,
 ) -> (CloseReason, Option<Packet>) {
     let mut machine = Inbound::new(Instant::now().into_std(), shared.limits.clone());
     // Small while the client is quiet, which most are (an idle connection should cost little:
@@ -359,7 +369,24 @@ async fn read_loop(
                         return (CloseReason::ServerClosed, None);
                     }
                     attached.store(true, Ordering::Relaxed);
-                    tracing::debug!(%peer, conn, client = %connect.client_id, "CONNECT");
+                    // One human line, as mosquitto's connection_messages: who, from where, how.
+                    let user = connect.username.as_deref().unwrap_or("");
+                    tracing::info!(
+                        %peer,
+                        client = %connect.client_id,
+                        level = connect.version.level(),
+                        user,
+                        clean = connect.clean_start,
+                        keep_alive,
+                        "new client connected from {peer} as {:?} (MQTT {}, {}, keep-alive {keep_alive}s{})",
+                        connect.client_id,
+                        match connect.version.level() { 3 => "3.1", 4 => "3.1.1", _ => "5.0" },
+                        if connect.clean_start { "clean" } else { "persistent" },
+                        if user.is_empty() { String::new() } else { format!(", user {user:?}") },
+                    );
+                    if let Ok(mut c) = client.lock() {
+                        *c = Some(connect.client_id.clone());
+                    }
                     let input = HubInput::Connect {
                         conn,
                         connect,

@@ -64,6 +64,29 @@ pub enum CloseReason {
     ServerClosed,
 }
 
+impl std::fmt::Display for CloseReason {
+    /// The words a log line uses, as mosquitto's `connection_messages` do.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::Disconnect {
+                with_will: false, ..
+            } => f.write_str("disconnected"),
+            CloseReason::Disconnect {
+                with_will: true, ..
+            } => f.write_str("disconnected, asking for its will"),
+            CloseReason::Violation { detail, .. } => {
+                write!(f, "closed for a protocol error: {detail}")
+            }
+            CloseReason::KeepAliveTimeout => f.write_str("closed: keep-alive timeout"),
+            CloseReason::ConnectTimeout => f.write_str("closed: no CONNECT in time"),
+            CloseReason::ConnectionLost => f.write_str("closed its connection without DISCONNECT"),
+            CloseReason::ServerClosed => {
+                f.write_str("closed by outpost (takeover, shutdown or refusal)")
+            }
+        }
+    }
+}
+
 impl CloseReason {
     /// True when the will must be published ([MQTT-3.1.2-8]: anything but a plain DISCONNECT).
     pub fn publishes_will(&self) -> bool {
