@@ -1353,7 +1353,12 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                     self.send_rel(now, conn, msg_id);
                 }
                 Packet::Publish(p) => {
-                    if p.payload.len() + PUBLISH_OVERHEAD > MAX_MESSAGE {
+                    let topic = c.topic_ref(&p.topic, &predefined);
+                    // Too large for MQTT-SN, or a name its REGISTER could not carry: the message
+                    // cannot reach this client at all.
+                    if p.payload.len() + PUBLISH_OVERHEAD > MAX_MESSAGE
+                        || (topic.is_none() && p.topic.len() + REGISTER_OVERHEAD > MAX_MESSAGE)
+                    {
                         let Some(Packet::Publish(p)) = c.out.pop_front() else {
                             break;
                         };
@@ -1362,19 +1367,8 @@ impl<A: Clone + Eq + Hash + Debug> Gateway<A> {
                         popped = true;
                         continue;
                     }
-                    let topic = match c.topic_ref(&p.topic, &predefined) {
+                    let topic = match topic {
                         Some(t) => t,
-                        None if p.topic.len() + REGISTER_OVERHEAD > MAX_MESSAGE => {
-                            // Its REGISTER could not carry the name: the message cannot reach
-                            // this client at all.
-                            let Some(Packet::Publish(p)) = c.out.pop_front() else {
-                                break;
-                            };
-                            self.stats.too_large += 1;
-                            self.give_up(conn, &p);
-                            popped = true;
-                            continue;
-                        }
                         None => {
                             let name = p.topic.clone();
                             let Some(topic_id) = c.register(&name) else {
